@@ -1,0 +1,72 @@
+"""Celery configuration and the beat schedule, derived from the settings."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kombu import Queue
+
+from config.settings import Settings
+
+# Redis redelivers an unacknowledged message after this long. Every countdown the dispatcher
+# uses stays far below it (at most one dispatch interval), so ETAs never trigger redelivery.
+VISIBILITY_TIMEOUT_SECONDS = 3600
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    transport_options = {"visibility_timeout": VISIBILITY_TIMEOUT_SECONDS}
+    return {
+        "broker_url": settings.broker_url,
+        "result_backend": settings.backend_url,
+        "broker_connection_retry_on_startup": True,
+        "broker_transport_options": transport_options,
+        # The result backend and the broker must agree, or results outlive their messages oddly.
+        "result_backend_transport_options": transport_options,
+        "result_expires": 24 * 3600,
+        "result_extended": True,
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "timezone": "UTC",
+        "enable_utc": True,
+        # At-least-once: a message is acknowledged only after its task ran, and a worker that dies
+        # mid-task gives its message back. The store's claims make the second run a no-op.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_default_queue": settings.queue,
+        "task_queues": [Queue(settings.queue)],
+        "task_create_missing_queues": True,
+        "task_soft_time_limit": settings.task_time_limit_seconds,
+        "task_time_limit": settings.hard_time_limit_seconds,
+        "task_send_sent_event": True,
+        "worker_send_task_events": True,
+        "task_track_started": True,
+        "worker_hijack_root_logger": False,
+        "worker_pool": settings.worker_pool,
+        "worker_concurrency": settings.worker_concurrency,
+        # Beat keeps no schedule file: the database holds the schedule, and a restarted beat
+        # should dispatch at once rather than wait out an interval it remembers.
+        "beat_scheduler": "celery.beat:Scheduler",
+        "beat_schedule": beat_schedule(settings),
+    }
+
+
+def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
+    return {
+        "dispatch-due-work": {
+            "task": "rooms.dispatch_due",
+            "schedule": settings.dispatch_interval_seconds,
+            "options": {"queue": settings.queue, "expires": settings.dispatch_interval_seconds},
+        },
+        "recover-overdue-work": {
+            "task": "rooms.recover_overdue",
+            "schedule": settings.recover_interval_seconds,
+            "options": {"queue": settings.queue, "expires": settings.recover_interval_seconds},
+        },
+        "reconcile-with-whereby": {
+            "task": "rooms.reconcile",
+            "schedule": settings.reconcile_interval_seconds,
+            "options": {"queue": settings.queue, "expires": settings.reconcile_interval_seconds},
+        },
+    }

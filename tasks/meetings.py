@@ -1,0 +1,28 @@
+"""The tasks other applications send by name (CONTRACT §2): schedule, cancel and read a meeting."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from config.settings import get_settings
+from worker import service
+from worker.app import app
+
+# `throws`: a caller's mistake is an expected outcome, logged without a traceback.
+from worker.requests import BookingRef, InvalidRequest, ScheduleRequest, validate
+
+
+@app.task(name="rooms.schedule_meeting", typing=False, throws=(InvalidRequest,))
+def schedule_meeting(*args: Any, **kwargs: Any) -> dict[str, Any]:
+    request = validate(ScheduleRequest, args, kwargs, caller_prefix_max=get_settings().caller_prefix_max)
+    return service.schedule_meeting(request)
+
+
+@app.task(name="rooms.cancel_meeting", typing=False, throws=(InvalidRequest,))
+def cancel_meeting(*args: Any, **kwargs: Any) -> dict[str, Any]:
+    return service.cancel_meeting(validate(BookingRef, args, kwargs).booking_id)
+
+
+@app.task(name="rooms.get_meeting", typing=False, throws=(InvalidRequest,))
+def get_meeting(*args: Any, **kwargs: Any) -> dict[str, Any]:
+    return service.get_meeting(validate(BookingRef, args, kwargs).booking_id)

@@ -1,0 +1,253 @@
+"""Fixtures: a real Redis (or an embedded one), the sandbox server, SQLite and PostgreSQL, a real worker."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+
+from worker.localredis import ensure_redis
+
+# The broker must be known before the Celery app is imported: settle it first.
+_redis_url, _embedded_redis = ensure_redis(
+    os.environ.get("ROOMKEEPER_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+)
+# A database of its own, flushed by the tests (pick another to run two suites side by side).
+BROKER = _redis_url.rsplit("/", 1)[0] + "/" + os.environ.get("ROOMKEEPER_TEST_REDIS_DB", "15")
+os.environ["ROOMKEEPER_BROKER_URL"] = BROKER
+os.environ["ROOMKEEPER_RESULT_BACKEND"] = BROKER
+os.environ.pop("WHEREBY_API_KEY", None)
+os.environ["WHEREBY_API_URL"] = "http://127.0.0.1:9/v1"  # replaced by the sandbox's URL below
+os.environ["ROOMKEEPER_DATABASE_URL"] = "sqlite:///var/test-import.db"
+
+POSTGRES_SERVER = os.environ.get("ROOMKEEPER_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+# Each run gets a schema of its own, so two suites (or a suite and a developer) never collide.
+POSTGRES_SCHEMA = f"roomkeeper_test_{os.getpid()}"
+POSTGRES_URL = f"{POSTGRES_SERVER}?options=-csearch_path%3D{POSTGRES_SCHEMA}"
+
+from config.settings import reset_settings  # noqa: E402
+from worker import budget, service, store  # noqa: E402
+from worker.app import app  # noqa: E402
+from worker.sandbox import SandboxAdmin, SandboxConfig, SandboxServer  # noqa: E402
+
+TEST_SETTINGS = {
+    "ROOMKEEPER_CREATE_LEAD_SECONDS": "1",
+    "ROOMKEEPER_DELETE_GRACE_SECONDS": "0",
+    "ROOMKEEPER_DISPATCH_INTERVAL_SECONDS": "1",
+    "ROOMKEEPER_RETRY_BASE_SECONDS": "0.2",
+    "ROOMKEEPER_RETRY_MAX_SECONDS": "1",
+    "ROOMKEEPER_MAX_ATTEMPTS": "4",
+    "ROOMKEEPER_QUEUE": "rooms",
+    # The budget has tests of its own; elsewhere it would only slow the suite down.
+    "ROOMKEEPER_API_POINTS_PER_MINUTE": "0",
+}
+
+
+def apply_settings(**env: str | None) -> None:
+    for name, value in env.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    reset_settings()
+    store.dispose_engines()
+    service.reset_client()
+    budget.reset_budget()
+
+
+def clear_budget() -> None:
+    """Forget the shared budget's window and any pause a previous test left behind."""
+    client = budget.get_budget().client
+    client.delete("roomkeeper:budget:window", "roomkeeper:budget:paused")
+
+
+@pytest.fixture(scope="session")
+def sandbox_server() -> Iterator[SandboxServer]:
+    with SandboxServer(SandboxConfig()) as server:
+        yield server
+
+
+@pytest.fixture
+def sandbox(sandbox_server: SandboxServer) -> Iterator[SandboxAdmin]:
+    admin = SandboxAdmin(sandbox_server.admin_url)
+    admin.reset()
+    admin.set_faults(latency_ms=0, error_rate=0, lost_reply_rate=0, points_per_minute=0, expiry_seconds=86400)
+    yield admin
+
+
+_postgres_checked: list[str | None] = []
+
+
+def _postgres_available() -> str | None:
+    """None when PostgreSQL answers (and this run's schema exists), else why not."""
+    if not _postgres_checked:
+        try:
+            with store.get_engine(POSTGRES_SERVER).begin() as connection:
+                connection.execute(text(f"CREATE SCHEMA IF NOT EXISTS {POSTGRES_SCHEMA}"))
+            _postgres_checked.append(None)
+        except Exception as exc:
+            _postgres_checked.append(f"PostgreSQL not reachable at {POSTGRES_SERVER}: {type(exc).__name__}")
+    return _postgres_checked[0]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _drop_postgres_schema() -> Iterator[None]:
+    yield
+    if _postgres_checked and _postgres_checked[0] is None:
+        store.dispose_engines()
+        with store.get_engine(POSTGRES_SERVER).begin() as connection:
+            connection.execute(text(f"DROP SCHEMA IF EXISTS {POSTGRES_SCHEMA} CASCADE"))
+
+
+_migrated: set[str] = set()
+TABLES = ("history", "outbox", "room", "meeting")
+
+
+def _fresh_database(url: str) -> None:
+    if url not in _migrated:
+        store.migrate(url)
+        _migrated.add(url)
+    with store.get_engine(url).begin() as connection:
+        for table in TABLES:
+            connection.execute(text(f"DELETE FROM {table}"))
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> str:
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path_factory.getbasetemp() / 'roomkeeper.db'}"
+    else:
+        reason = _postgres_available()
+        if reason:
+            pytest.skip(reason)
+        url = POSTGRES_URL
+    _fresh_database(url)
+    return url
+
+
+@pytest.fixture
+def configured(database: str, sandbox: SandboxAdmin, sandbox_server: SandboxServer) -> Iterator[str]:
+    """Settings for one test: its database, the sandbox, second-scale timings."""
+    apply_settings(ROOMKEEPER_DATABASE_URL=database, WHEREBY_API_URL=sandbox_server.url, **TEST_SETTINGS)
+    clear_budget()
+    yield database
+    apply_settings(**{name: None for name in TEST_SETTINGS})
+
+
+@pytest.fixture(scope="session")
+def celery_worker_session() -> Iterator[Any]:
+    from celery.contrib.testing.worker import start_worker
+
+    app.loader.import_default_modules()
+    with app.connection_for_write() as connection:
+        connection.default_channel.client.flushdb()
+    with start_worker(
+        app, pool="threads", concurrency=8, perform_ping_check=False, loglevel="WARNING"
+    ) as worker:
+        yield worker
+
+
+class Ticker:
+    """Stands in for beat: sends `rooms.dispatch_due` through the broker every interval."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self.stopped.wait(self.interval):
+            app.send_task("rooms.dispatch_due", queue="rooms")
+
+    def __enter__(self) -> Ticker:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self.stopped.set()
+        self.thread.join()
+
+
+@pytest.fixture
+def system(configured: str, celery_worker_session: Any) -> Iterator[str]:
+    """The running service: a real worker on the real Redis, with the dispatcher ticking."""
+    with Ticker(1.0):
+        yield configured
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers for the tests.
+
+
+def call(task: str, timeout: float = 15, **kwargs: Any) -> Any:
+    """Send a task by name, exactly as a caller that does not import the project would."""
+    return app.send_task(task, queue="rooms", kwargs=kwargs).get(timeout=timeout)
+
+
+def iso(moment: datetime) -> str:
+    return moment.isoformat()
+
+
+def soon(seconds: float) -> datetime:
+    return datetime.now(UTC) + timedelta(seconds=seconds)
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 15, interval: float = 0.1) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        time.sleep(interval)
+
+
+def parse(value: str) -> datetime:
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+class Events:
+    """Reads the events the service sends to a caller's notify queue, straight off the broker."""
+
+    def __init__(self, queue: str) -> None:
+        self.queue = queue
+        self.connection = app.connection_for_read()
+        self.simple = self.connection.SimpleQueue(queue)
+        self.seen: list[dict[str, Any]] = []
+
+    def drain(self) -> list[dict[str, Any]]:
+        while True:
+            try:
+                message = self.simple.get(block=False)
+            except self.simple.Empty:
+                return self.seen
+            body = message.decode() if hasattr(message, "decode") else message.payload
+            if isinstance(body, (bytes, str)):
+                body = json.loads(body)
+            _args, kwargs, _embed = body
+            kwargs["_task"] = message.headers.get("task")
+            self.seen.append(kwargs)
+            message.ack()
+
+    def names(self) -> list[str]:
+        return [e["event"] for e in self.drain()]
+
+    def close(self) -> None:
+        self.simple.close()
+        self.connection.release()
+
+
+@pytest.fixture
+def events() -> Iterator[Events]:
+    queue = f"bookings-{os.getpid()}-{time.monotonic_ns()}"
+    reader = Events(queue)
+    yield reader
+    reader.close()

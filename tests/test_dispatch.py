@@ -1,0 +1,177 @@
+"""The dispatcher on its own: what it claims, what it sends and with which ETA, with no worker running."""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy import update
+from sqlmodel import col, select
+
+from tests.conftest import apply_settings
+from worker import service
+from worker.app import app
+from worker.models import Meeting, MeetingState, Room, RoomState, utcnow
+from worker.store import session_scope
+
+pytestmark = pytest.mark.usefixtures("configured", "sandbox")
+
+
+@dataclass(frozen=True)
+class Sent:
+    task: str
+    kwargs: dict[str, Any]
+    eta: datetime | None
+    queue: str | None
+
+
+@pytest.fixture
+def sent(monkeypatch: pytest.MonkeyPatch) -> list[Sent]:
+    """Every message the dispatcher would send, instead of sending it."""
+    records: list[Sent] = []
+    lock = threading.Lock()
+
+    def record(name: str, args: Any = None, kwargs: Any = None, **options: Any) -> None:
+        with lock:
+            records.append(Sent(name, dict(kwargs or {}), options.get("eta"), options.get("queue")))
+
+    monkeypatch.setattr(app, "send_task", record)
+    return records
+
+
+def store_meetings(prefix: str, count: int, due_in: float) -> list[int]:
+    """Meetings as the store holds them once booked, their room creation due `due_in` seconds from now."""
+    now = utcnow()
+    due = now + timedelta(seconds=due_in)
+    start = max(due, now) + timedelta(minutes=15)
+    rows = [
+        Meeting(
+            booking_id=f"{prefix}-{i}",
+            state=MeetingState.SCHEDULED,
+            start=start,
+            end=start + timedelta(minutes=30),
+            create_at=due,
+            room_end=start + timedelta(minutes=30),
+            due_at=due,
+            created_at=now,
+            updated_at=now,
+        )
+        for i in range(count)
+    ]
+    with session_scope() as session:
+        session.add_all(rows)
+        session.flush()
+        return [row.id for row in rows if row.id is not None]
+
+
+def creations(sent: list[Sent]) -> list[int]:
+    return [s.kwargs["meeting_pk"] for s in sent if s.task == "rooms.create_room"]
+
+
+def claims_of(pks: list[int]) -> dict[int, str | None]:
+    with session_scope() as session:
+        rows = session.exec(select(Meeting).where(col(Meeting.id).in_(pks)))
+        return {row.id: row.claim_token for row in rows if row.id is not None}
+
+
+def test_two_dispatchers_at_once_send_each_due_meeting_once(sent: list[Sent]) -> None:
+    pks = store_meetings("due", 50, due_in=-60)
+    barrier = threading.Barrier(2)
+
+    def dispatch() -> dict[str, int]:
+        barrier.wait()
+        return service.dispatch_due()
+
+    before = utcnow()
+    with ThreadPoolExecutor(2) as pool:
+        results = [f.result() for f in [pool.submit(dispatch), pool.submit(dispatch)]]
+    after = utcnow()
+
+    assert len(sent) == 50
+    assert sorted(creations(sent)) == sorted(pks)  # every one, none twice
+    assert sum(r["create"] for r in results) == 50
+    assert all(r["delete"] == 0 for r in results)
+    assert {s.queue for s in sent} == {"rooms"}
+    # Overdue work goes at once, not at its long-past instant.
+    assert all(s.eta is not None and before <= s.eta <= after for s in sent)
+    # Each message carries the claim the store holds, so the worker that gets it can act.
+    claims = claims_of(pks)
+    assert all(claims[s.kwargs["meeting_pk"]] == s.kwargs["claim"] for s in sent)
+
+    sent.clear()
+    assert service.dispatch_due() == {"create": 0, "delete": 0}  # claimed: not sent again
+    assert sent == []
+
+    # A dispatched message that no worker ever took (lost with a dead broker, say): once the
+    # claim lapses, the next dispatch sends the work again.
+    with session_scope() as session:
+        session.execute(update(Meeting).values(claim_until=utcnow() - timedelta(seconds=1)))
+    assert service.dispatch_due() == {"create": 50, "delete": 0}
+    assert sorted(creations(sent)) == sorted(pks)
+
+
+def test_only_work_due_before_the_next_tick_is_sent_with_an_eta_at_its_instant(sent: list[Sent]) -> None:
+    apply_settings(ROOMKEEPER_DISPATCH_INTERVAL_SECONDS="15")
+    (in_ten_minutes,) = store_meetings("later", 1, due_in=600)
+    (past_the_tick,) = store_meetings("next-tick", 1, due_in=30)
+    (within_the_tick,) = store_meetings("this-tick", 1, due_in=10)
+    with session_scope() as session:
+        meeting = session.get(Meeting, in_ten_minutes)
+        assert meeting is not None
+        room_end = utcnow() + timedelta(seconds=8)
+        room = Room(
+            meeting_pk=in_ten_minutes,
+            tag="abcdefgh",
+            name_prefix="rk-abcdefgh-",
+            state=RoomState.LIVE,
+            whereby_id="4242",
+            end_date=room_end,
+            due_at=room_end,
+            created_at=utcnow(),
+            ready_at=utcnow(),
+        )
+        session.add(room)
+        session.flush()
+        room_pk = room.id
+    due_instants: dict[int, datetime | None] = {}
+    with session_scope() as session:
+        for pk in (within_the_tick, past_the_tick, in_ten_minutes):
+            row = session.get(Meeting, pk)
+            assert row is not None
+            due_instants[pk] = row.due_at
+
+    assert service.dispatch_due() == {"create": 1, "delete": 1}
+
+    by_task = {s.task: s for s in sent}
+    assert set(by_task) == {"rooms.create_room", "rooms.delete_room"}
+    create = by_task["rooms.create_room"]
+    assert create.kwargs["meeting_pk"] == within_the_tick
+    # At its exact instant, not now and not a tick later.
+    assert create.eta == due_instants[within_the_tick]
+    delete = by_task["rooms.delete_room"]
+    assert delete.kwargs["room_pk"] == room_pk
+    assert delete.eta == room_end  # the room goes at its end, not up to an interval late
+    claims = claims_of([within_the_tick, past_the_tick, in_ten_minutes])
+    assert claims[past_the_tick] is None and claims[in_ten_minutes] is None
+
+
+def test_dispatch_cost_follows_the_due_rows_not_the_stored_ones(sent: list[Sent]) -> None:
+    store_meetings("far", 2000, due_in=30 * 24 * 3600)
+    due = store_meetings("due", 5, due_in=-1)
+
+    assert service.dispatch_due() == {"create": 5, "delete": 0}
+
+    assert sorted(creations(sent)) == sorted(due)
+
+
+def test_more_due_work_than_one_batch_is_all_sent_once(sent: list[Sent]) -> None:
+    due = store_meetings("batch", 5, due_in=-1)
+
+    assert service.dispatch_due(limit=2) == {"create": 5, "delete": 0}
+
+    assert Counter(creations(sent)) == Counter(due)

@@ -1,0 +1,394 @@
+"""Tests for the validation of what callers send (CONTRACT §2.1-§2.3, §2.6): a message per broken rule."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from worker.requests import MAX_METADATA_BYTES, BookingRef, InvalidRequest, ScheduleRequest, validate
+
+CALLER_PREFIX_MAX = 27
+
+# The contract's own example call (§2), with a date far enough ahead to stay in the future.
+EXAMPLE: dict[str, Any] = {
+    "booking_id": "booking-8812",
+    "start": "2096-12-01T09:00:00+01:00",
+    "end": "2096-12-01T09:45:00+01:00",
+    "room": {"room_mode": "group", "fields": ["hostRoomUrl"]},
+    "notify": {"task": "bookings.room_event", "queue": "bookings"},
+}
+
+
+def schedule(**changes: Any) -> ScheduleRequest:
+    kwargs = {**EXAMPLE, **changes}
+    return validate(ScheduleRequest, (), kwargs, caller_prefix_max=CALLER_PREFIX_MAX)
+
+
+def without(key: str) -> dict[str, Any]:
+    return {k: v for k, v in EXAMPLE.items() if k != key}
+
+
+def rejected(kwargs: dict[str, Any], args: tuple[Any, ...] = ()) -> str:
+    with pytest.raises(InvalidRequest) as caught:
+        validate(ScheduleRequest, args, kwargs, caller_prefix_max=CALLER_PREFIX_MAX)
+    return str(caught.value)
+
+
+def rejected_with(**changes: Any) -> str:
+    return rejected({**EXAMPLE, **changes})
+
+
+# --------------------------------------------------------------------------------------------
+# What is accepted.
+
+
+def test_the_contract_example_is_accepted() -> None:
+    request = schedule()
+    assert request.booking_id == "booking-8812"
+    assert request.start == datetime(2096, 12, 1, 8, 0, tzinfo=UTC)
+    assert request.end == datetime(2096, 12, 1, 8, 45, tzinfo=UTC)
+    assert request.room.room_mode == "group"
+    assert request.room.fields == ["hostRoomUrl"]
+    assert request.notify is not None
+    assert (request.notify.task, request.notify.queue) == ("bookings.room_event", "bookings")
+    assert request.metadata == {}
+
+
+def test_only_the_required_fields_are_needed() -> None:
+    request = validate(
+        ScheduleRequest,
+        (),
+        {"booking_id": "b-1", "start": "2096-01-01T10:00:00Z", "end": "2096-01-01T11:00:00Z"},
+        caller_prefix_max=CALLER_PREFIX_MAX,
+    )
+    assert request.notify is None
+    assert request.metadata == {}
+    assert request.room.room_name_prefix is None
+
+
+def test_explicit_nulls_for_optional_objects_are_accepted() -> None:
+    request = schedule(room=None, notify=None, metadata=None)
+    assert request.notify is None
+    assert request.metadata == {}
+    assert request.room.room_mode is None
+
+
+def test_every_room_option_is_accepted() -> None:
+    room = {
+        "room_name_prefix": "clinic-7",
+        "room_name_pattern": "human-short",
+        "room_mode": "normal",
+        "is_locked": True,
+        "fields": ["viewerRoomUrl", "hostRoomUrl"],
+        "template_type": "viewerMode",
+    }
+    options = schedule(room=room).room
+    assert options.room_name_prefix == "clinic-7"
+    assert options.room_name_pattern == "human-short"
+    assert options.room_mode == "normal"
+    assert options.is_locked is True
+    assert set(options.fields or []) == {"hostRoomUrl", "viewerRoomUrl"}
+    assert options.template_type == "viewerMode"
+
+
+def test_booking_id_of_200_characters_is_accepted() -> None:
+    assert schedule(booking_id="b" * 200).booking_id == "b" * 200
+
+
+def test_metadata_is_kept_as_sent() -> None:
+    metadata = {"patient": 7, "tags": ["a", "b"], "nested": {"ok": True}}
+    assert schedule(metadata=metadata).metadata == metadata
+
+
+# --------------------------------------------------------------------------------------------
+# Times.
+
+
+def test_naive_times_are_read_as_utc() -> None:
+    request = schedule(start="2096-12-01T09:00:00", end="2096-12-01T09:45:00")
+    assert request.start == datetime(2096, 12, 1, 9, 0, tzinfo=UTC)
+    assert request.end == datetime(2096, 12, 1, 9, 45, tzinfo=UTC)
+    assert request.start.utcoffset() == timedelta(0)
+
+
+@pytest.mark.parametrize(
+    ("start", "expected"),
+    [
+        ("2096-12-01T09:00:00+01:00", datetime(2096, 12, 1, 8, 0, tzinfo=UTC)),
+        ("2096-12-01T09:00:00-05:30", datetime(2096, 12, 1, 14, 30, tzinfo=UTC)),
+        ("2096-12-01T09:00:00Z", datetime(2096, 12, 1, 9, 0, tzinfo=UTC)),
+    ],
+)
+def test_offsets_are_converted_to_utc(start: str, expected: datetime) -> None:
+    request = schedule(start=start, end="2096-12-02T00:00:00Z")
+    assert request.start == expected
+    assert request.start.utcoffset() == timedelta(0)
+    assert request.start.tzinfo == UTC
+
+
+def test_start_in_the_past_is_accepted_when_end_is_ahead() -> None:
+    # The room is then created at once (§2.1); only the end must lie ahead.
+    now = datetime.now(UTC)
+    request = schedule(
+        start=(now - timedelta(minutes=10)).isoformat(), end=(now + timedelta(minutes=30)).isoformat()
+    )
+    assert request.start < now < request.end
+
+
+@pytest.mark.parametrize("field", ["start", "end"])
+def test_time_missing(field: str) -> None:
+    message = rejected(without(field))
+    assert field in message
+    assert "required" in message
+
+
+@pytest.mark.parametrize("field", ["start", "end"])
+@pytest.mark.parametrize("value", ["tomorrow at nine", "2096-13-01T09:00:00Z", "01/12/2096 09:00", ""])
+def test_time_not_iso(field: str, value: str) -> None:
+    message = rejected_with(**{field: value})
+    assert f"{field}:" in message
+    assert "ISO-8601" in message
+
+
+@pytest.mark.parametrize("field", ["start", "end"])
+@pytest.mark.parametrize("value", [4_102_444_800, 4_102_444_800.0, None, ["2096-12-01T09:00:00Z"]])
+def test_time_not_a_string(field: str, value: Any) -> None:
+    message = rejected_with(**{field: value})
+    assert f"{field}:" in message
+    assert "string" in message
+
+
+def test_a_bare_date_is_not_a_date_time() -> None:
+    message = rejected_with(end="2096-12-01")
+    assert "end:" in message
+    assert "ISO-8601" in message
+
+
+@pytest.mark.parametrize(
+    "end", ["2096-12-01T09:00:00+01:00", "2096-12-01T08:59:59+01:00", "2096-12-01T07:00:00Z"]
+)
+def test_end_not_after_start(end: str) -> None:
+    message = rejected_with(end=end)
+    assert "end" in message
+    assert "after start" in message
+
+
+def test_end_in_the_past() -> None:
+    now = datetime.now(UTC)
+    message = rejected_with(
+        start=(now - timedelta(hours=1)).isoformat(), end=(now - timedelta(seconds=1)).isoformat()
+    )
+    assert "end" in message
+    assert "future" in message
+
+
+def test_end_compared_in_utc_not_by_wall_clock() -> None:
+    # 09:30+01:00 is 08:30 UTC: before a start of 09:00 UTC, although its wall clock reads later.
+    message = rejected_with(start="2096-12-01T09:00:00Z", end="2096-12-01T09:30:00+01:00")
+    assert "end" in message
+    assert "after start" in message
+
+
+# --------------------------------------------------------------------------------------------
+# booking_id.
+
+
+def test_booking_id_missing() -> None:
+    message = rejected(without("booking_id"))
+    assert "booking_id" in message
+    assert "required" in message
+
+
+@pytest.mark.parametrize(
+    ("value", "rule"),
+    [("", "at least 1"), ("b" * 201, "at most 200"), (8812, "string"), (None, "string"), (["b"], "string")],
+)
+def test_booking_id_invalid(value: Any, rule: str) -> None:
+    message = rejected_with(booking_id=value)
+    assert "booking_id" in message
+    assert rule in message
+
+
+# --------------------------------------------------------------------------------------------
+# room.
+
+
+def test_room_unknown_key() -> None:
+    message = rejected_with(room={"room_mode": "group", "roomMode": "group"})
+    assert "room.roomMode" in message
+    assert "unknown" in message
+
+
+@pytest.mark.parametrize("prefix", ["Clinic", "clinic_7", "clinic 7", "klinik-ü", "/clinic"])
+def test_room_name_prefix_bad_characters(prefix: str) -> None:
+    message = rejected_with(room={"room_name_prefix": prefix})
+    assert "room.room_name_prefix" in message
+    assert "pattern" in message
+
+
+def test_room_name_prefix_must_leave_room_for_the_service_tag() -> None:
+    assert schedule(room={"room_name_prefix": "a" * CALLER_PREFIX_MAX}).room.room_name_prefix == "a" * 27
+    message = rejected_with(room={"room_name_prefix": "a" * (CALLER_PREFIX_MAX + 1)})
+    assert "room.room_name_prefix" in message
+    assert f"at most {CALLER_PREFIX_MAX}" in message
+
+
+def test_room_name_prefix_limit_comes_from_the_caller() -> None:
+    room = {"room_name_prefix": "a" * 21}
+    validate(ScheduleRequest, (), {**EXAMPLE, "room": room}, caller_prefix_max=21)
+    with pytest.raises(InvalidRequest, match=r"room\.room_name_prefix: must be at most 20"):
+        validate(ScheduleRequest, (), {**EXAMPLE, "room": room}, caller_prefix_max=20)
+
+
+@pytest.mark.parametrize(
+    ("room", "field", "rule"),
+    [
+        ({"room_name_pattern": "short"}, "room.room_name_pattern", "human-short"),
+        ({"room_name_pattern": "UUID"}, "room.room_name_pattern", "uuid"),
+        ({"room_mode": "large"}, "room.room_mode", "group"),
+        ({"fields": ["hostRoomUrl", "hostUrl"]}, "room.fields", "viewerRoomUrl"),
+        ({"fields": "hostRoomUrl"}, "room.fields", "list"),
+        ({"template_type": "hostMode"}, "room.template_type", "viewerMode"),
+        ({"is_locked": "true"}, "room.is_locked", "boolean"),
+        ({"is_locked": 1}, "room.is_locked", "boolean"),
+        ({"room_name_prefix": 7}, "room.room_name_prefix", "string"),
+    ],
+)
+def test_room_option_invalid(room: dict[str, Any], field: str, rule: str) -> None:
+    message = rejected_with(room=room)
+    assert field in message
+    assert rule in message
+
+
+@pytest.mark.parametrize("room", ["group", ["room_mode", "group"], 1])
+def test_room_not_an_object(room: Any) -> None:
+    message = rejected_with(room=room)
+    assert "room" in message
+    assert "dictionary" in message
+
+
+# --------------------------------------------------------------------------------------------
+# notify.
+
+
+@pytest.mark.parametrize("missing", ["task", "queue"])
+def test_notify_missing_key(missing: str) -> None:
+    notify = {k: v for k, v in EXAMPLE["notify"].items() if k != missing}
+    message = rejected_with(notify=notify)
+    assert f"notify.{missing}" in message
+    assert "required" in message
+
+
+def test_notify_extra_key() -> None:
+    message = rejected_with(notify={**EXAMPLE["notify"], "countdown": 5})
+    assert "notify.countdown" in message
+    assert "unknown" in message
+
+
+@pytest.mark.parametrize(
+    ("notify", "field", "rule"),
+    [
+        ({"task": "", "queue": "q"}, "notify.task", "at least 1"),
+        ({"task": "t", "queue": 5}, "notify.queue", "string"),
+    ],
+)
+def test_notify_values_invalid(notify: dict[str, Any], field: str, rule: str) -> None:
+    message = rejected_with(notify=notify)
+    assert field in message
+    assert rule in message
+
+
+def test_notify_not_an_object() -> None:
+    message = rejected_with(notify="bookings.room_event")
+    assert "notify" in message
+    assert "dictionary" in message
+
+
+# --------------------------------------------------------------------------------------------
+# metadata.
+
+
+@pytest.mark.parametrize("metadata", [["a", 1], "patient=7", 7, True])
+def test_metadata_not_an_object(metadata: Any) -> None:
+    message = rejected_with(metadata=metadata)
+    assert "metadata" in message
+    assert "object" in message
+
+
+def _metadata_of_size(size: int) -> dict[str, str]:
+    # '{"a":""}' is 8 bytes; the rest is the value.
+    metadata = {"a": "x" * (size - 8)}
+    assert len(json.dumps(metadata, separators=(",", ":")).encode()) == size
+    return metadata
+
+
+def test_metadata_of_exactly_4_kib_is_accepted() -> None:
+    assert MAX_METADATA_BYTES == 4096
+    assert schedule(metadata=_metadata_of_size(4096)).metadata["a"] == "x" * 4088
+
+
+def test_metadata_over_4_kib() -> None:
+    message = rejected_with(metadata=_metadata_of_size(4097))
+    assert "metadata" in message
+    assert "4096" in message
+
+
+# --------------------------------------------------------------------------------------------
+# The call itself.
+
+
+def test_unknown_top_level_kwarg() -> None:
+    message = rejected_with(room_mode="group")
+    assert "room_mode" in message
+    assert "unknown" in message
+
+
+def test_positional_arguments() -> None:
+    message = rejected({}, args=("booking-8812", EXAMPLE["start"], EXAMPLE["end"]))
+    assert "keyword" in message
+    assert "positional" in message
+
+
+def test_every_broken_rule_is_reported_at_once() -> None:
+    message = rejected({**EXAMPLE, "booking_id": "", "room": {"room_mode": "huge"}, "colour": "red"})
+    assert "booking_id" in message
+    assert "room.room_mode" in message
+    assert "colour: unknown field" in message
+
+
+def test_invalid_request_is_a_value_error() -> None:
+    # A ValueError subclass: Celery records it with its message for result.get() and Flower.
+    assert issubclass(InvalidRequest, ValueError)
+
+
+# --------------------------------------------------------------------------------------------
+# BookingRef (rooms.cancel_meeting, rooms.get_meeting).
+
+
+def test_booking_ref_accepted() -> None:
+    assert validate(BookingRef, (), {"booking_id": "booking-8812"}).booking_id == "booking-8812"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field", "rule"),
+    [
+        ({}, "booking_id", "required"),
+        ({"booking_id": ""}, "booking_id", "at least 1"),
+        ({"booking_id": "b" * 201}, "booking_id", "at most 200"),
+        ({"booking_id": 8812}, "booking_id", "string"),
+        ({"booking_id": "b", "reason": "patient ill"}, "reason", "unknown"),
+    ],
+)
+def test_booking_ref_invalid(kwargs: dict[str, Any], field: str, rule: str) -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        validate(BookingRef, (), kwargs)
+    assert field in str(caught.value)
+    assert rule in str(caught.value)
+
+
+def test_booking_ref_positional() -> None:
+    with pytest.raises(InvalidRequest, match="keyword"):
+        validate(BookingRef, ("booking-8812",), {})

@@ -1,0 +1,34 @@
+"""The Celery application: configured from the settings, with the tasks of `tasks/`."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import Celery
+from celery.signals import beat_init, worker_process_init, worker_ready
+
+from config.celery import celery_config
+from config.settings import get_settings
+
+app = Celery("roomkeeper", include=["tasks.meetings", "tasks.rooms", "tasks.scheduled"])
+app.config_from_object(celery_config(get_settings()))
+
+
+@worker_process_init.connect
+def _fresh_connections(**_: Any) -> None:
+    # A forked pool child must not reuse the parent's database or HTTP connections.
+    from worker import service, store
+
+    store.dispose_engines()
+    service.reset_client()
+
+
+@beat_init.connect
+@worker_ready.connect
+def _dispatch_at_start(**_: Any) -> None:
+    # Work that fell due while nothing ran goes out now, not one interval after start-up.
+    app.send_task("rooms.dispatch_due", queue=get_settings().queue)
+
+
+logging.getLogger("httpx").setLevel(logging.WARNING)

@@ -1,0 +1,219 @@
+"""The `roomkeeper` command line: migrate, sandbox, run, demo, and the operator's views of meetings."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+from rich.text import Text
+
+from config.settings import SettingsError, get_settings, reset_settings, whereby_unconfigured
+from worker.models import MeetingState
+
+cli = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+console = Console()
+
+
+def _cells(*values: str | None) -> list[Text]:
+    """Table cells shown as written: booking ids and Whereby's messages are not rich markup."""
+    return [Text(value or "") for value in values]
+
+
+def _logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@cli.command()
+def migrate() -> None:
+    """Create or upgrade the database schema (safe to run again)."""
+    _logging()
+    from worker.store import migrate as run_migrations
+
+    run_migrations()
+
+
+@cli.command()
+def sandbox(
+    host: Annotated[str, typer.Option(envvar="SANDBOX_HOST")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(envvar="SANDBOX_PORT")] = 8765,
+    api_key: Annotated[
+        str, typer.Option(envvar="SANDBOX_API_KEY", help="bearer key it accepts")
+    ] = "sandbox-key",
+    points_per_minute: Annotated[
+        int, typer.Option(envvar="SANDBOX_POINTS_PER_MINUTE", help="0: unlimited")
+    ] = 0,
+    latency_ms: Annotated[float, typer.Option(envvar="SANDBOX_LATENCY_MS")] = 0.0,
+    error_rate: Annotated[float, typer.Option(envvar="SANDBOX_ERROR_RATE")] = 0.0,
+    lost_reply_rate: Annotated[float, typer.Option(envvar="SANDBOX_LOST_REPLY_RATE")] = 0.0,
+    expiry_seconds: Annotated[float, typer.Option(envvar="SANDBOX_EXPIRY_SECONDS")] = 86400.0,
+) -> None:
+    """Serve the bundled Whereby sandbox (a faithful in-memory server of the documented API)."""
+    _logging()
+    from worker.sandbox import SandboxConfig, serve
+
+    config = SandboxConfig(
+        api_key=api_key,
+        points_per_minute=points_per_minute,
+        latency_ms=latency_ms,
+        error_rate=error_rate,
+        lost_reply_rate=lost_reply_rate,
+        expiry_seconds=expiry_seconds,
+    )
+    serve(config, host, port)
+
+
+@cli.command()
+def run() -> None:
+    """Run worker, beat and Flower on the configured settings (plus the sandbox without a Whereby key)."""
+    from worker.localredis import free_port
+    from worker.processes import process_env, run_processes
+    from worker.store import migrate as run_migrations
+
+    _logging()
+    names = ["worker", "beat", "flower"]
+    overrides: dict[str, str] = {}
+    if whereby_unconfigured():
+        port = free_port()
+        overrides = {"SANDBOX_PORT": str(port), "WHEREBY_API_URL": f"http://127.0.0.1:{port}/v1"}
+        os.environ.update(overrides)
+        reset_settings()
+        names.insert(0, "sandbox")
+        console.print(f"No WHEREBY_API_KEY: using the bundled sandbox at {overrides['WHEREBY_API_URL']}")
+    get_settings()  # fail fast, naming the variable, before anything starts
+    run_migrations()
+    flower_port = int(os.environ.get("PORT", "5555"))
+    console.print(f"Flower: http://127.0.0.1:{flower_port}")
+    sys.exit(run_processes(names, process_env(overrides), ports={"flower": flower_port}))
+
+
+@cli.command()
+def demo(
+    meetings: Annotated[int, typer.Option(help="how many sample meetings")] = 5,
+    timeout: Annotated[float, typer.Option(help="give up after this many seconds")] = 180.0,
+) -> None:
+    """Run the whole system on embedded defaults and show meetings going through their lifecycle."""
+    from worker.demo import run_demo
+
+    sys.exit(run_demo(meetings, timeout))
+
+
+def _caller() -> Any:
+    """A Celery client as any other application would have one: no project import needed."""
+    from celery import Celery
+
+    settings = get_settings()
+    return Celery(broker=settings.broker_url, backend=settings.backend_url)
+
+
+def _send(task: str, kwargs: dict[str, Any], wait: float) -> dict[str, Any]:
+    result = _caller().send_task(task, queue=get_settings().queue, kwargs=kwargs)
+    try:
+        value: dict[str, Any] = result.get(timeout=wait)
+    except Exception as exc:  # the worker's error, re-raised here: show it as the caller sees it
+        console.print(f"[red]{task} failed:[/red] {escape(str(exc))}")
+        raise typer.Exit(1) from None
+    return value
+
+
+@cli.command()
+def book(
+    booking_id: str,
+    start: Annotated[str | None, typer.Option(help="ISO-8601; default: now + --in")] = None,
+    end: Annotated[str | None, typer.Option(help="ISO-8601; default: start + --minutes")] = None,
+    in_seconds: Annotated[float, typer.Option("--in", help="seconds from now to the start")] = 60.0,
+    minutes: Annotated[float, typer.Option(help="length when --end is not given")] = 30.0,
+    room: Annotated[str | None, typer.Option(help="the room object, as JSON")] = None,
+    metadata: Annotated[str | None, typer.Option(help="a JSON object")] = None,
+    wait: Annotated[float, typer.Option(help="seconds to wait for the answer")] = 30.0,
+) -> None:
+    """Book (or reschedule) a meeting through the queue, as a caller would."""
+    begin = start or (datetime.now(UTC) + timedelta(seconds=in_seconds)).isoformat()
+    finish = end or (datetime.fromisoformat(begin) + timedelta(minutes=minutes)).isoformat()
+    kwargs: dict[str, Any] = {"booking_id": booking_id, "start": begin, "end": finish}
+    if room:
+        kwargs["room"] = json.loads(room)
+    if metadata:
+        kwargs["metadata"] = json.loads(metadata)
+    console.print_json(data=_send("rooms.schedule_meeting", kwargs, wait))
+
+
+@cli.command()
+def cancel(booking_id: str, wait: Annotated[float, typer.Option()] = 30.0) -> None:
+    """Cancel a meeting through the queue (its room, if any, is deleted now)."""
+    console.print_json(data=_send("rooms.cancel_meeting", {"booking_id": booking_id}, wait))
+
+
+@cli.command()
+def show(booking_id: str) -> None:
+    """A meeting's view and its whole history: every state change and every Whereby call."""
+    from worker import service
+
+    try:
+        console.print_json(data=service.get_meeting(booking_id))
+    except service.UnknownBooking as exc:
+        console.print(f"[red]{escape(str(exc))}[/red]")
+        raise typer.Exit(1) from None
+    table = Table("at", "kind", "what", "outcome", title=f"history of {escape(booking_id)}")
+    for entry in service.history(booking_id):
+        table.add_row(*_cells(service.fmt(entry.at), entry.kind, entry.action, entry.outcome))
+    console.print(table)
+
+
+@cli.command(name="list")
+def list_(
+    state: Annotated[str | None, typer.Option(help="only meetings in this state")] = None,
+    limit: Annotated[int, typer.Option()] = 200,
+) -> None:
+    """A table of meetings, soonest first."""
+    from worker import service
+
+    table = Table("booking_id", "state", "start", "end", "room", "last_error")
+    for item in service.list_meetings(state, limit):
+        room = item["room"]["room_url"] if item["room"] else ""
+        table.add_row(
+            *_cells(item["booking_id"], item["state"], item["start"], item["end"], room, item["last_error"])
+        )
+    console.print(table)
+
+
+@cli.command()
+def failed(limit: Annotated[int, typer.Option()] = 200) -> None:
+    """Meetings the service gave up on, with the reason."""
+    from worker import service
+
+    rows = service.list_meetings(MeetingState.FAILED, limit)
+    table = Table("booking_id", "start", "end", "last_error", title=f"{len(rows)} failed meeting(s)")
+    for item in rows:
+        table.add_row(*_cells(item["booking_id"], item["start"], item["end"], item["last_error"]))
+    console.print(table)
+
+
+@cli.command()
+def retry(
+    booking_ids: Annotated[list[str] | None, typer.Argument(help="failed meetings to retry")] = None,
+    all_: Annotated[bool, typer.Option("--all", help="retry every failed meeting")] = False,
+) -> None:
+    """Put failed meetings back to be tried afresh (meetings already over are left as they are)."""
+    from worker import service
+
+    if not booking_ids and not all_:
+        console.print("name the booking ids to retry, or pass --all")
+        raise typer.Exit(2)
+    retried = service.retry_failed(None if all_ else booking_ids)
+    console.print(f"retried {len(retried)}: {escape(', '.join(retried)) or '-'}")
+
+
+def main() -> None:
+    try:
+        cli()
+    except SettingsError as exc:
+        print(exc, file=sys.stderr)
+        sys.exit(2)

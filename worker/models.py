@@ -1,0 +1,142 @@
+"""The store's tables: meetings, the Whereby rooms made for them, their history, and the event outbox."""
+
+from __future__ import annotations
+
+import enum
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, Column, DateTime, Index, String, Text, TypeDecorator
+from sqlalchemy.engine import Dialect
+from sqlmodel import Field, SQLModel
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Stores naive UTC (SQLite has no zones) and always hands back aware UTC datetimes."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the store; use aware UTC")
+        return value.astimezone(UTC).replace(tzinfo=None)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        return None if value is None else value.replace(tzinfo=UTC)
+
+
+def _ts(nullable: bool = True, index: bool = False) -> Any:
+    return Field(default=None, sa_column=Column(UTCDateTime(), nullable=nullable, index=index))
+
+
+class MeetingState(enum.StrEnum):
+    SCHEDULED = "scheduled"
+    CREATING = "creating"
+    READY = "ready"
+    DELETING = "deleting"
+    ENDED = "ended"
+    CANCELLED = "cancelled"
+    FAILED = "failed"
+
+
+TERMINAL_STATES = frozenset({MeetingState.ENDED, MeetingState.CANCELLED, MeetingState.FAILED})
+
+
+class RoomState(enum.StrEnum):
+    PENDING = "pending"  # a create was (or is about to be) sent; its outcome is not known yet
+    LIVE = "live"
+    DELETED = "deleted"
+    ABANDONED = "abandoned"  # known never to have been made on Whereby
+
+
+class Meeting(SQLModel, table=True):
+    __tablename__ = "meeting"
+
+    id: int | None = Field(default=None, primary_key=True)
+    booking_id: str = Field(sa_column=Column(String(200), nullable=False, unique=True))
+    state: str = Field(sa_column=Column(String(16), nullable=False, index=True))
+    start: datetime = _ts(nullable=False)
+    end: datetime = _ts(nullable=False)
+    # Derived from start/end and the lead and grace settings when the meeting was last scheduled.
+    create_at: datetime = _ts(nullable=False)
+    room_end: datetime = _ts(nullable=False)
+    room_options: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    notify: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+    meta: dict[str, Any] = Field(default_factory=dict, sa_column=Column("metadata", JSON, nullable=False))
+    room_id: int | None = None  # the current room (no FK: room already points back here)
+    # The next creation work is due at due_at; NULL when there is none (indexed: due work is found
+    # by a range scan over this column, so its cost follows the due rows, not the stored ones).
+    due_at: datetime | None = _ts(index=True)
+    attempts: int = 0
+    next_attempt_at: datetime | None = _ts()
+    replacing: bool = False
+    claim_token: str | None = Field(default=None, sa_column=Column(String(36), nullable=True))
+    claim_until: datetime | None = _ts()
+    last_error: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    created_at: datetime = _ts(nullable=False)
+    updated_at: datetime = _ts(nullable=False)
+
+
+class Room(SQLModel, table=True):
+    __tablename__ = "room"
+
+    id: int | None = Field(default=None, primary_key=True)
+    meeting_pk: int = Field(foreign_key="meeting.id", index=True)
+    tag: str = Field(sa_column=Column(String(16), nullable=False, unique=True))
+    name_prefix: str = Field(sa_column=Column(String(39), nullable=False))
+    state: str = Field(sa_column=Column(String(16), nullable=False, index=True))
+    whereby_id: str | None = Field(default=None, sa_column=Column(String(64), index=True))
+    room_name: str | None = Field(default=None, sa_column=Column(String(255)))
+    room_url: str | None = Field(default=None, sa_column=Column(Text))
+    host_room_url: str | None = Field(default=None, sa_column=Column(Text))
+    viewer_room_url: str | None = Field(default=None, sa_column=Column(Text))
+    end_date: datetime = _ts(nullable=False)
+    # Deletion is due at due_at; NULL while none is planned.
+    due_at: datetime | None = _ts(index=True)
+    retired_reason: str | None = Field(default=None, sa_column=Column(String(32)))
+    attempts: int = 0
+    next_attempt_at: datetime | None = _ts()
+    claim_token: str | None = Field(default=None, sa_column=Column(String(36), nullable=True))
+    claim_until: datetime | None = _ts()
+    last_error: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    created_at: datetime = _ts(nullable=False)
+    ready_at: datetime | None = _ts()
+    deleted_at: datetime | None = _ts()
+
+
+class History(SQLModel, table=True):
+    """Append-only: every state change and every Whereby call, to answer "what happened to X"."""
+
+    __tablename__ = "history"
+    __table_args__ = (Index("ix_history_booking_at", "booking_id", "id"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    at: datetime = _ts(nullable=False)
+    booking_id: str = Field(sa_column=Column(String(200), nullable=False))
+    kind: str = Field(sa_column=Column(String(16), nullable=False))  # state | whereby | event | note
+    action: str = Field(sa_column=Column(String(120), nullable=False))
+    outcome: str = Field(default="", sa_column=Column(Text, nullable=False))
+
+
+class Outbox(SQLModel, table=True):
+    """Events to send to a caller's notify task, written in the transaction of the change."""
+
+    __tablename__ = "outbox"
+
+    id: int | None = Field(default=None, primary_key=True)
+    created_at: datetime = _ts(nullable=False)
+    booking_id: str = Field(sa_column=Column(String(200), nullable=False))
+    task: str = Field(sa_column=Column(String(200), nullable=False))
+    queue: str = Field(sa_column=Column(String(200), nullable=False))
+    kwargs: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))
+    sent_at: datetime | None = _ts()
+    # Indexed so a flush reads only the unsent rows, however many were sent before.
+    pending: bool = Field(default=True, index=True)
+    claim_until: datetime | None = _ts()
