@@ -31,3 +31,26 @@ def test_an_embedded_server_starts_when_nothing_answers(monkeypatch: pytest.Monk
     finally:
         embedded.stop()
     assert not localredis.answers(url)
+
+
+def test_a_port_taken_after_it_was_picked_moves_the_server_to_another() -> None:
+    import socket
+
+    embedded = localredis.EmbeddedRedis()
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.1", embedded.port))
+    squatter.listen()
+    taken = embedded.port
+    try:
+        embedded.start()
+        assert embedded.port != taken
+        assert localredis.answers(embedded.url)
+    finally:
+        squatter.close()
+        embedded.stop()
+
+
+def test_server_ports_stay_below_the_ephemeral_range() -> None:
+    low = localredis._ephemeral_low()
+    ports = {localredis.free_port() for _ in range(20)}
+    assert all(port < low for port in ports), ports
