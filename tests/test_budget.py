@@ -53,13 +53,32 @@ def test_the_window_slides(fresh_keys: str) -> None:
 
 
 def test_a_pause_stops_every_worker_until_it_ends(fresh_keys: str) -> None:
-    first, second = Budget(BROKER, 100, prefix=fresh_keys), Budget(BROKER, 100, prefix=fresh_keys)
+    first = Budget(BROKER, 100, prefix=fresh_keys, head_start_ms=0)
+    second = Budget(BROKER, 100, prefix=fresh_keys, head_start_ms=0)
     first.pause(0.5)
     with pytest.raises(BudgetExhausted) as refused:
         second.acquire("GET", 1)
-    assert 0 < refused.value.retry_after <= 0.5
+    assert refused.value.retry_after <= 0.5
+    assert "paused" in str(refused.value)
     time.sleep(0.6)
     second.acquire("GET", 1)
+
+
+@pytest.mark.parametrize("points_per_minute", [100, 0])
+def test_after_a_pause_deletions_go_first(fresh_keys: str, points_per_minute: int) -> None:
+    budget = Budget(BROKER, points_per_minute, prefix=fresh_keys, head_start_ms=600)
+    budget.pause(0.3)
+    for method in ("DELETE", "POST"):
+        with pytest.raises(BudgetExhausted) as refused:
+            budget.acquire(method, 2)
+        assert refused.value.retry_after <= (0.3 if method == "DELETE" else 0.9)
+    time.sleep(0.35)
+    budget.acquire("DELETE", 2)  # the pause is over for deletions ...
+    with pytest.raises(BudgetExhausted) as refused:
+        budget.acquire("POST", 3)  # ... while creations wait out the deletions' head start
+    assert 0.1 < refused.value.retry_after <= 0.6
+    time.sleep(refused.value.retry_after + 0.05)
+    budget.acquire("POST", 3)
 
 
 def test_zero_turns_the_limiter_off(fresh_keys: str) -> None:

@@ -18,17 +18,24 @@ WINDOW_MS = 60_000
 # Creations and reads may spend only this share of the budget; the rest is kept for deletions,
 # so ended rooms are deleted first when the budget runs short.
 ORDINARY_SHARE = 0.8
+# When a pause ends, deletions get the budget to themselves for this long before creations and
+# reads resume, so a backlog of ended rooms is not queued behind a backlog of creations.
+DELETE_HEAD_START_MS = 3_000
 
 # A sliding 60-second window over a sorted set of "id:points" scored by Redis's own clock, so
 # workers on different hosts agree on time. Spending at most the budget in ANY 60 s window is
 # safe whether Whereby counts fixed clock minutes or a sliding window (a token bucket is not).
 # Returns 0 when the points were spent, else the milliseconds to wait (negative: a pause).
+# A limit below zero keeps no budget but still honours a pause; `behind` is how long after a
+# pause's end this kind of call may resume (0 for deletions).
 _ACQUIRE = """
 local window, limit, points, member = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
+local behind = tonumber(ARGV[5])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local paused = tonumber(redis.call('GET', KEYS[2]) or '0')
-if paused > now then return now - paused end
+if paused > 0 and paused + behind > now then return now - (paused + behind) end
+if limit < 0 then return 0 end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
 local entries = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
 local used = 0
@@ -51,7 +58,7 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local until_ms = now + tonumber(ARGV[1])
 if until_ms > tonumber(redis.call('GET', KEYS[1]) or '0') then
-  redis.call('SET', KEYS[1], until_ms, 'PX', tonumber(ARGV[1]))
+  redis.call('SET', KEYS[1], until_ms, 'PX', tonumber(ARGV[1]) + tonumber(ARGV[2]))
 end
 return until_ms
 """
@@ -70,10 +77,16 @@ class BudgetExhausted(whereby.RateLimitedError):
 
 class Budget:
     def __init__(
-        self, redis_url: str, points_per_minute: int, prefix: str = "roomkeeper", window_ms: int = WINDOW_MS
+        self,
+        redis_url: str,
+        points_per_minute: int,
+        prefix: str = "roomkeeper",
+        window_ms: int = WINDOW_MS,
+        head_start_ms: int = DELETE_HEAD_START_MS,
     ) -> None:
         self.limit = points_per_minute
         self.window_ms = window_ms
+        self.head_start_ms = head_start_ms
         self.client = redis.Redis.from_url(redis_url)
         self.keys = [f"{prefix}:budget:window", f"{prefix}:budget:paused"]
         self._acquire = self.client.register_script(_ACQUIRE)
@@ -81,21 +94,21 @@ class Budget:
 
     def acquire(self, method: str, points: int) -> None:
         """Spend `points` for one call, or raise BudgetExhausted with how long to wait."""
+        deleting = method == "DELETE"
         if self.limit <= 0:
-            # No budget to keep, but a pause still holds every worker back.
-            paused_ms = int(self.client.pttl(self.keys[1]))
-            if paused_ms > 0:
-                raise BudgetExhausted(paused_ms / 1000, paused=True)
-            return
-        limit = self.limit if method == "DELETE" else max(points, int(self.limit * ORDINARY_SHARE))
-        wait_ms = int(self._acquire(keys=self.keys, args=[self.window_ms, limit, points, uuid.uuid4().hex]))
+            limit = -1  # no budget to keep, but a pause still holds every worker back
+        else:
+            limit = self.limit if deleting else max(points, int(self.limit * ORDINARY_SHARE))
+        behind = 0 if deleting else self.head_start_ms
+        args = [self.window_ms, limit, points, uuid.uuid4().hex, behind]
+        wait_ms = int(self._acquire(keys=self.keys, args=args))
         if wait_ms != 0:
             raise BudgetExhausted(abs(wait_ms) / 1000, paused=wait_ms < 0)
 
     def pause(self, seconds: float, why: str = "Whereby rate limit hit") -> None:
         """Stop every worker's Whereby calls for a while: after a 429 (another app spends the same
         budget) or a 401 (a bad key would only burn attempts)."""
-        self._pause(keys=self.keys[1:], args=[max(1, int(seconds * 1000))])
+        self._pause(keys=self.keys[1:], args=[max(1, int(seconds * 1000)), self.head_start_ms])
         log.warning("%s: every worker pauses Whereby calls for %.1fs", why, seconds)
 
     def spent(self) -> int:
