@@ -17,6 +17,7 @@ from tests.conftest import apply_settings
 from worker import service
 from worker.app import app
 from worker.models import Meeting, MeetingState, Room, RoomState, utcnow
+from worker.sandbox import SandboxAdmin
 from worker.store import session_scope
 
 pytestmark = pytest.mark.usefixtures("configured", "sandbox")
@@ -175,3 +176,44 @@ def test_more_due_work_than_one_batch_is_all_sent_once(sent: list[Sent]) -> None
     assert service.dispatch_due(limit=2) == {"create": 5, "delete": 0}
 
     assert Counter(creations(sent)) == Counter(due)
+
+
+def test_a_failed_deletion_is_sent_again_at_its_retry_instant_not_at_the_next_tick(
+    sent: list[Sent], sandbox: SandboxAdmin
+) -> None:
+    apply_settings(ROOMKEEPER_DISPATCH_INTERVAL_SECONDS="60")
+    (meeting_pk,) = store_meetings("deleting", 1, due_in=-600)
+    now = utcnow()
+    with session_scope() as session:
+        meeting = session.get(Meeting, meeting_pk)
+        assert meeting is not None
+        meeting.due_at = None
+        meeting.state = MeetingState.DELETING
+        room = Room(
+            meeting_pk=meeting_pk,
+            tag="t0delete",
+            name_prefix="rk-t0delete-",
+            state=RoomState.LIVE,
+            whereby_id="4242",
+            end_date=now,
+            due_at=now,
+            created_at=now - timedelta(minutes=30),
+            ready_at=now - timedelta(minutes=30),
+        )
+        session.add(room)
+        session.flush()
+        room_pk = room.id
+        assert room_pk is not None
+    assert service.dispatch_due(room_ids={room_pk}) == {"create": 0, "delete": 1}
+    (first,) = sent
+    sent.clear()
+
+    sandbox.script({"method": "DELETE", "action": "rate_limit", "retry_after": 2})
+    service.delete_room(room_pk, first.kwargs["claim"])
+
+    # Sent again right after the failure, with its ETA at the retry instant (Retry-After), not
+    # left in the store for a dispatcher tick up to a minute away.
+    (again,) = sent
+    assert again.task == "rooms.delete_room" and again.kwargs["room_pk"] == room_pk
+    assert again.eta is not None
+    assert timedelta(seconds=1.5) <= again.eta - now <= timedelta(seconds=8)

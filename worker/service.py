@@ -780,6 +780,9 @@ def _delete_failed(
     now = utcnow()
     reason = lifecycle.describe(error)
     _heed_rate_limit(error)
+    # The retry is sent as soon as this commits, with its ETA, not at the dispatcher's next tick:
+    # a deletion must not wait up to a whole dispatch interval after a 429 or a 5xx.
+    after = AfterCommit()
     with session_scope() as session:
         record_calls(session, booking_id, calls)
         room = session.get(Room, room_pk, populate_existing=True)
@@ -790,6 +793,7 @@ def _delete_failed(
         room.attempts += 1
         room.last_error = reason
         room.due_at = room.next_attempt_at = lifecycle.after_delete_error(error, room.attempts, now, settings)
+        after.rooms.add(room_pk)
         note(session, booking_id, "note", "deletion retry planned", f"at {fmt(room.due_at)}: {reason}")
         level = (
             logging.ERROR
@@ -807,6 +811,7 @@ def _delete_failed(
         meeting = session.get(Meeting, room.meeting_pk)
         if meeting is not None and meeting.room_id == room.id:
             meeting.last_error = reason
+    after.run()
 
 
 # --------------------------------------------------------------------------------------------
