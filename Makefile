@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install demo run test check format migrate sandbox chaos clean
+.PHONY: install demo run test check format migrate sandbox chaos bench clean
 
 install: $(STAMP)
 $(STAMP): pyproject.toml
@@ -40,6 +40,9 @@ sandbox: install
 
 chaos: install    ## soak run under faults and kills (minutes; not in CI): ARGS=--quick
 	$(BIN)/python -m bench.chaos $(ARGS)
+
+bench: install    ## the benchmark: precision, naive recipe, intake, throughput, store, budget (not in CI)
+	$(BIN)/python -m bench.run $(ARGS)
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache
