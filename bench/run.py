@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import sys
 import tempfile
@@ -80,10 +81,22 @@ def send_schedules(caller: Celery, bookings: Sequence[Booked], **extra: Any) -> 
     sent = time.monotonic() - t0
     views = ResultSet(results).join_native(timeout=SEND_TIMEOUT, propagate=True)
     answered = time.monotonic() - t0
+    release(caller, results)
     bad = [v for v in views if not isinstance(v, dict) or v.get("state") != "scheduled"]
     if bad:
         raise RuntimeError(f"{len(bad)} bookings were not accepted, e.g. {bad[0]!r}")
     return {"sent_s": round(sent, 3), "answered_s": round(answered, 3)}
+
+
+def release(caller: Celery, results: list[AsyncResult[Any]]) -> None:
+    """Unsubscribe from the results now, while Redis is up.
+
+    Every AsyncResult unsubscribes from its result channel when it is garbage-collected; after the
+    phase has stopped its Redis, each of those would retry the dead connection for seconds.
+    """
+    for result in results:
+        caller.backend.remove_pending_result(result)
+        result.backend = None
 
 
 def spread_within_a_minute(
@@ -189,22 +202,29 @@ def creation_rate(calls: list[dict[str, Any]]) -> dict[str, Any]:
 
 def phase_throughput(args: argparse.Namespace, rng: random.Random) -> dict[str, Any]:
     rows = []
-    for concurrency in args.concurrency:
+    # One worker process per thread count, then as many processes as the host has cores.
+    shapes = [(1, c) for c in args.concurrency] + [(os.cpu_count() or 1, 16)]
+    for processes, concurrency in shapes:
         stack = Stack.start(
-            f"throughput{concurrency}",
+            f"throughput{processes}x{concurrency}",
             database=args.database,
             latency_ms=args.latency,
             settings={
                 "ROOMKEEPER_CREATE_LEAD_SECONDS": "5",
                 "ROOMKEEPER_WORKER_CONCURRENCY": str(concurrency),
             },
+            workers=processes,
         )
         try:
             # Every creation falls due at one instant T, after all are booked and dispatched.
-            margin = 10 + args.throughput_meetings / 150
+            margin = 10 + args.throughput_meetings / 80
             due = utcnow() + timedelta(seconds=margin)
             bookings = [
-                Booked(f"tp{concurrency}-{i:05d}", due + timedelta(seconds=5), due + timedelta(hours=2))
+                Booked(
+                    f"tp{processes}x{concurrency}-{i:05d}",
+                    due + timedelta(seconds=5),
+                    due + timedelta(hours=2),
+                )
                 for i in range(args.throughput_meetings)
             ]
             intake = send_schedules(stack.procs.caller, bookings)
@@ -221,10 +241,12 @@ def phase_throughput(args: argparse.Namespace, rng: random.Random) -> dict[str, 
             if rooms:
                 last = max(parse(r["created_at"]) or due for r in rooms)
                 figures["from_due_s"] = round((last - due).total_seconds(), 3)
-            figures.update(concurrency=concurrency, memory_mib=dict(stack.sample_memory()))
+            figures.update(
+                processes=processes, concurrency=concurrency, memory_mib=dict(stack.sample_memory())
+            )
             rows.append(figures)
             say(
-                f"  throughput: concurrency {concurrency}: {figures['per_s']}/s "
+                f"  throughput: {processes} x {concurrency} threads: {figures['per_s']}/s "
                 f"(steady {figures['steady_per_s']}/s)"
             )
         finally:
@@ -441,7 +463,8 @@ def table(report: dict[str, Any]) -> str:
         lines.append(f"throughput (pool {f['pool']}, sandbox latency {f['latency_ms']} ms, budget off):")
         for row in f["rows"]:
             lines.append(
-                f"  concurrency {row['concurrency']:>3}: {row['per_s']} creations/s "
+                f"  {row['processes']} process(es) x {row['concurrency']:>3} threads: "
+                f"{row['per_s']} creations/s "
                 f"(steady {row['steady_per_s']}/s, {row['created']} rooms)"
             )
     if "store" in phases:

@@ -162,6 +162,7 @@ class ProcessSystem:
                 process.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 process.kill()
+        quiet_results(self.caller)
         self.caller.close()
         self.redis.stop()
         self.engine.dispose()
@@ -224,6 +225,22 @@ class ProcessSystem:
             if time.monotonic() > deadline:
                 raise AssertionError(f"condition not met within {timeout}s")
             time.sleep(interval)
+
+
+def quiet_results(caller: Celery) -> None:
+    """Close the caller's result subscription before its Redis goes away.
+
+    Each AsyncResult unsubscribes from its result channel when it is garbage-collected; with the
+    subscription still open and Redis gone, every one of them would retry the dead connection for
+    seconds (and print "Retry limit exceeded ..."). Without one, there is nothing to unsubscribe.
+    """
+    consumer = getattr(caller.backend, "result_consumer", None)
+    pubsub = getattr(consumer, "_pubsub", None)
+    if consumer is not None and pubsub is not None:
+        try:
+            pubsub.close()
+        finally:
+            consumer._pubsub = None
 
 
 def now() -> datetime:

@@ -165,6 +165,7 @@ def emit(session: Session, meeting: Meeting, room: Room | None, event: str, now:
         "meeting": view(meeting, room),
         "occurred_at": fmt(now),
     }
+    session.info["outbox"] = True  # the caller's AfterCommit has something to flush
     session.add(
         Outbox(
             created_at=now,
@@ -266,7 +267,11 @@ def _schedule(request: ScheduleRequest) -> dict[str, Any]:
             _reschedule(session, meeting, old_room_end, now, after)
         session.flush()
         assert meeting.id is not None
-        after.meetings.add(meeting.id)
+        # Work due before the dispatcher's next tick goes out right after the commit; anything
+        # later is the dispatcher's, so a booking days ahead costs no dispatch query at all.
+        if meeting.due_at is not None and meeting.due_at <= dispatch_horizon(now, settings):
+            after.meetings.add(meeting.id)
+        after.outbox = bool(session.info.get("outbox"))
         result = view(meeting, _current_room(session, meeting))
     after.run()
     return result
@@ -611,7 +616,8 @@ def _create_succeeded(
             meeting.updated_at = now
             _release(meeting)
             room.due_at = meeting.room_end
-            after.rooms.add(room.id)
+            if room.due_at <= dispatch_horizon(now, settings):
+                after.rooms.add(room.id)  # a later deletion is the dispatcher's
             set_state(session, meeting, MeetingState.READY, f"room {made.meeting_id}")
             event = "room.ready"
             if meeting.replacing:
@@ -639,6 +645,7 @@ def _create_succeeded(
                 )
             emit(session, meeting, room, event, now)
             outcome = f"{event}: {made.meeting_id}"
+        after.outbox = bool(session.info.get("outbox"))
     after.run()
     return outcome
 
@@ -765,6 +772,7 @@ def _delete_succeeded(room_pk: int, run: str, existed: bool, calls: Sequence[whe
                 if meeting.state in (MeetingState.READY, MeetingState.DELETING):
                     set_state(session, meeting, MeetingState.ENDED, f"room {room.whereby_id} {outcome}")
                 emit(session, meeting, None, "room.deleted", now)
+        after.outbox = bool(session.info.get("outbox"))
     after.run()
     return outcome
 
@@ -853,6 +861,11 @@ def _claim_due(
     return [(pk, due_at, token) for pk, due_at in rows]
 
 
+def dispatch_horizon(now: datetime, settings: Settings) -> datetime:
+    """Work due before this instant is sent now, with an ETA; later work waits for a later tick."""
+    return now + timedelta(seconds=settings.dispatch_interval_seconds + 1)
+
+
 def dispatch_due(
     meeting_ids: set[int] | None = None,
     room_ids: set[int] | None = None,
@@ -868,7 +881,7 @@ def dispatch_due(
 
     settings = get_settings()
     now = utcnow()
-    horizon = now + timedelta(seconds=settings.dispatch_interval_seconds + 1)
+    horizon = dispatch_horizon(now, settings)
     overdue_before = None
     if overdue_only:
         horizon = now

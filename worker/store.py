@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,10 @@ from config.settings import get_settings
 log = logging.getLogger(__name__)
 
 _engines: dict[tuple[str, int], Engine] = {}
+# SQLite has one writer at a time, and a writer that finds the file locked sleeps in SQLite's busy
+# handler (1, 2, 5, 10 ... 100 ms naps) rather than queueing. Threads of one process therefore
+# take turns on a lock of their own first; only other processes meet the busy handler.
+_sqlite_turns: dict[Engine, threading.RLock] = {}
 MIGRATIONS = Path(__file__).with_name("migrations")
 
 
@@ -67,6 +72,7 @@ def get_engine(url: str | None = None) -> Engine:
     if engine is None:
         if url.startswith("sqlite"):
             engine = _sqlite_engine(url)
+            _sqlite_turns[engine] = threading.RLock()
         else:
             engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
         _engines[key] = engine
@@ -77,12 +83,15 @@ def dispose_engines() -> None:
     for engine in _engines.values():
         engine.dispose()
     _engines.clear()
+    _sqlite_turns.clear()
 
 
 @contextmanager
 def session_scope() -> Iterator[Session]:
     """One transaction: committed when the block ends, rolled back if it raises."""
-    with Session(get_engine(), expire_on_commit=False) as session:
+    engine = get_engine()
+    turn = _sqlite_turns.get(engine)
+    with turn or nullcontext(), Session(engine, expire_on_commit=False) as session:
         try:
             yield session
             session.commit()
