@@ -17,7 +17,7 @@ from worker.sandbox import SandboxAdmin
 def fresh_keys() -> Iterator[str]:
     prefix = f"test-budget-{time.monotonic_ns()}"
     yield prefix
-    Budget(BROKER, 1, prefix=prefix).client.delete(f"{prefix}:budget:window", f"{prefix}:budget:paused")
+    Budget(BROKER, 1, prefix=prefix).client.delete(*Budget(BROKER, 1, prefix=prefix).keys)
 
 
 def test_spends_at_most_the_budget_and_says_how_long_to_wait(fresh_keys: str) -> None:
@@ -78,6 +78,16 @@ def test_after_a_pause_deletions_go_first(fresh_keys: str, points_per_minute: in
         budget.acquire("POST", 3)  # ... while creations wait out the deletions' head start
     assert 0.1 < refused.value.retry_after <= 0.6
     time.sleep(refused.value.retry_after + 0.05)
+    budget.acquire("POST", 3)
+
+
+def test_with_no_deletion_waiting_creations_resume_when_the_pause_ends(fresh_keys: str) -> None:
+    budget = Budget(BROKER, 100, prefix=fresh_keys, head_start_ms=5_000)
+    budget.pause(0.3)
+    with pytest.raises(BudgetExhausted) as refused:
+        budget.acquire("POST", 3)
+    assert refused.value.retry_after <= 0.3  # no deletion was held back: no head start to give
+    time.sleep(0.35)
     budget.acquire("POST", 3)
 
 

@@ -55,7 +55,14 @@ def assert_exactly_one_room_each(procs: ProcessSystem, booked: dict[str, tuple],
 
 
 def wait_all_ended(procs: ProcessSystem, booked: dict[str, tuple], timeout: float = 60) -> None:
-    procs.wait_for(lambda: all(procs.states().get(b) == "ended" for b in booked), timeout=timeout)
+    try:
+        procs.wait_for(lambda: all(procs.states().get(b) == "ended" for b in booked), timeout=timeout)
+    except AssertionError:
+        with procs.engine.connect() as connection:
+            rows = connection.execute(
+                text("SELECT booking_id, state, attempts, due_at, claim_token, last_error FROM meeting")
+            ).all()
+        raise AssertionError(f"not all ended; logs in {procs.logs}: {rows}") from None
 
 
 def test_lost_replies_on_create_make_one_room(procs: ProcessSystem, sandbox: SandboxAdmin) -> None:

@@ -18,23 +18,32 @@ WINDOW_MS = 60_000
 # Creations and reads may spend only this share of the budget; the rest is kept for deletions,
 # so ended rooms are deleted first when the budget runs short.
 ORDINARY_SHARE = 0.8
-# When a pause ends, deletions get the budget to themselves for this long before creations and
-# reads resume, so a backlog of ended rooms is not queued behind a backlog of creations.
+# When a pause ends and deletions were held back by it, they get the budget to themselves for
+# this long before creations and reads resume, so ended rooms are not queued behind creations.
 DELETE_HEAD_START_MS = 3_000
 
 # A sliding 60-second window over a sorted set of "id:points" scored by Redis's own clock, so
 # workers on different hosts agree on time. Spending at most the budget in ANY 60 s window is
 # safe whether Whereby counts fixed clock minutes or a sliding window (a token bucket is not).
 # Returns 0 when the points were spent, else the milliseconds to wait (negative: a pause).
-# A limit below zero keeps no budget but still honours a pause; `behind` is how long after a
-# pause's end this kind of call may resume (0 for deletions).
+# A limit below zero keeps no budget but still honours a pause. A deletion held back by a pause
+# marks that deletions are waiting; while they are, creations and reads resume `head` ms after
+# the pause ends, so the deletions go first.
 _ACQUIRE = """
 local window, limit, points, member = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
-local behind = tonumber(ARGV[5])
+local head, deleting = tonumber(ARGV[5]), ARGV[6] == '1'
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local paused = tonumber(redis.call('GET', KEYS[2]) or '0')
-if paused > 0 and paused + behind > now then return now - (paused + behind) end
+if paused > now and deleting then
+  redis.call('SET', KEYS[3], '1', 'PX', paused - now + head)
+  return now - paused
+end
+if paused > 0 and not deleting then
+  local behind = 0
+  if redis.call('EXISTS', KEYS[3]) == 1 then behind = head end
+  if paused + behind > now then return now - (paused + behind) end
+end
 if limit < 0 then return 0 end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
 local entries = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
@@ -88,7 +97,7 @@ class Budget:
         self.window_ms = window_ms
         self.head_start_ms = head_start_ms
         self.client = redis.Redis.from_url(redis_url)
-        self.keys = [f"{prefix}:budget:window", f"{prefix}:budget:paused"]
+        self.keys = [f"{prefix}:budget:window", f"{prefix}:budget:paused", f"{prefix}:budget:deletes-waiting"]
         self._acquire = self.client.register_script(_ACQUIRE)
         self._pause = self.client.register_script(_PAUSE)
 
@@ -99,8 +108,7 @@ class Budget:
             limit = -1  # no budget to keep, but a pause still holds every worker back
         else:
             limit = self.limit if deleting else max(points, int(self.limit * ORDINARY_SHARE))
-        behind = 0 if deleting else self.head_start_ms
-        args = [self.window_ms, limit, points, uuid.uuid4().hex, behind]
+        args = [self.window_ms, limit, points, uuid.uuid4().hex, self.head_start_ms, int(deleting)]
         wait_ms = int(self._acquire(keys=self.keys, args=args))
         if wait_ms != 0:
             raise BudgetExhausted(abs(wait_ms) / 1000, paused=wait_ms < 0)
@@ -108,7 +116,7 @@ class Budget:
     def pause(self, seconds: float, why: str = "Whereby rate limit hit") -> None:
         """Stop every worker's Whereby calls for a while: after a 429 (another app spends the same
         budget) or a 401 (a bad key would only burn attempts)."""
-        self._pause(keys=self.keys[1:], args=[max(1, int(seconds * 1000)), self.head_start_ms])
+        self._pause(keys=self.keys[1:2], args=[max(1, int(seconds * 1000)), self.head_start_ms])
         log.warning("%s: every worker pauses Whereby calls for %.1fs", why, seconds)
 
     def spent(self) -> int:
