@@ -203,11 +203,15 @@ def creation_rate(calls: list[dict[str, Any]]) -> dict[str, Any]:
 def phase_throughput(args: argparse.Namespace, rng: random.Random) -> dict[str, Any]:
     rows = []
     # One worker process per thread count, then as many processes as the host has cores.
-    shapes = [(1, c) for c in args.concurrency] + [(os.cpu_count() or 1, 16)]
-    for processes, concurrency in shapes:
+    cores = os.cpu_count() or 1
+    shapes: list[tuple[int, int, str | None]] = [(1, c, args.database) for c in args.concurrency]
+    shapes.append((cores, 16, args.database))
+    if args.postgres and args.database is None:
+        shapes.append((cores, 16, args.postgres))  # the production store
+    for processes, concurrency, database in shapes:
         stack = Stack.start(
             f"throughput{processes}x{concurrency}",
-            database=args.database,
+            database=database,
             latency_ms=args.latency,
             settings={
                 "ROOMKEEPER_CREATE_LEAD_SECONDS": "5",
@@ -242,11 +246,15 @@ def phase_throughput(args: argparse.Namespace, rng: random.Random) -> dict[str, 
                 last = max(parse(r["created_at"]) or due for r in rooms)
                 figures["from_due_s"] = round((last - due).total_seconds(), 3)
             figures.update(
-                processes=processes, concurrency=concurrency, memory_mib=dict(stack.sample_memory())
+                processes=processes,
+                concurrency=concurrency,
+                store=stack.store.label,
+                memory_mib=dict(stack.sample_memory()),
             )
             rows.append(figures)
             say(
-                f"  throughput: {processes} x {concurrency} threads: {figures['per_s']}/s "
+                f"  throughput: {processes} x {concurrency} threads, {stack.store.label}: "
+                f"{figures['per_s']}/s "
                 f"(steady {figures['steady_per_s']}/s)"
             )
         finally:
@@ -463,12 +471,14 @@ def table(report: dict[str, Any]) -> str:
         lines.append(f"throughput (pool {f['pool']}, sandbox latency {f['latency_ms']} ms, budget off):")
         for row in f["rows"]:
             lines.append(
-                f"  {row['processes']} process(es) x {row['concurrency']:>3} threads: "
+                f"  {row['processes']} process(es) x {row['concurrency']:>3} threads, {row.get('store')}: "
                 f"{row['per_s']} creations/s "
                 f"(steady {row['steady_per_s']}/s, {row['created']} rooms)"
             )
     if "store" in phases:
         for label, f in phases["store"].items():
+            if not isinstance(f, dict):
+                continue
             lines.append(f"store scaling, {label} ({f.get('due_rows')} due rows):")
             for row in f["rows"]:
                 lines.append(
@@ -556,20 +566,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     report["args"] = args_view
     say(f"bench: phases {', '.join(args.only)} on {report['machine']}")
     t0 = time.monotonic()
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    failed = []
     for name in args.only:
         started = time.monotonic()
         say(f"[{name}]")
-        report["phases"][name] = RUNNERS[name](args, rng)
+        try:
+            report["phases"][name] = RUNNERS[name](args, rng)
+        except Exception as error:  # one phase failing must not lose the others' figures
+            failed.append(name)
+            say(f"  {name} failed: {type(error).__name__}: {error}")
+            report["phases"][name] = {"error": f"{type(error).__name__}: {error}"}
         report["phases"][name]["took_s"] = round(time.monotonic() - started, 1)
+        out.write_text(json.dumps(report, indent=2, default=str) + "\n")
     report["took_s"] = round(time.monotonic() - t0, 1)
     report["peak_memory_mib"] = peak_memory(report["phases"])
-    say("")
-    say(table(report))
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    say("")
+    say(table({**report, "phases": {k: v for k, v in report["phases"].items() if "error" not in v}}))
     say(f"\nfigures written to {out} (took {report['took_s']} s)")
-    return 0
+    if failed:
+        say(f"FAILED phases: {', '.join(failed)}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
