@@ -523,7 +523,7 @@ def peak_memory(phases: dict[str, Any]) -> dict[str, float | None]:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small figures, a few minutes in all")
+    parser.add_argument("--quick", action="store_true", help="smaller figures, about ten minutes in all")
     parser.add_argument("--only", default=",".join(PHASES), help=f"phases, of {','.join(PHASES)}")
     parser.add_argument("--meetings", type=int, help="precision and naive load (default 1000)")
     parser.add_argument("--intake", type=int, help="bookings sent at once (default 10000)")
