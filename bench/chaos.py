@@ -37,9 +37,9 @@ from pathlib import Path
 from typing import Any
 
 from celery import Celery
-from sqlalchemy import text
 from sqlmodel import Session, col, select
 
+from bench.common import percentiles, postgres_schema
 from tests.harness import ProcessSystem, parse
 from worker import store
 from worker.models import History, Meeting, Room
@@ -76,24 +76,6 @@ def utcnow() -> datetime:
 
 def iso(moment: datetime | None) -> str | None:
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z") if moment else None
-
-
-def percentiles(values: list[float]) -> dict[str, float | int | None]:
-    ordered = sorted(values)
-
-    def rank(p: float) -> float | None:
-        if not ordered:
-            return None
-        return round(ordered[min(len(ordered) - 1, max(0, int(-(-p * len(ordered) // 100)) - 1))], 3)
-
-    return {
-        "n": len(ordered),
-        "min": round(ordered[0], 3) if ordered else None,
-        "p50": rank(50),
-        "p95": rank(95),
-        "p99": rank(99),
-        "max": round(ordered[-1], 3) if ordered else None,
-    }
 
 
 def live_at_once(rooms: list[dict[str, Any]], until: datetime) -> tuple[int, float]:
@@ -870,16 +852,7 @@ def database(arg: str | None) -> tuple[str, str, Any]:
         url = arg or f"sqlite:///{path}"
         return url, "SQLite", lambda: None
     schema = f"chaos_{os.getpid()}"
-    with store.get_engine(arg).begin() as connection:
-        connection.execute(text(f"CREATE SCHEMA {schema}"))
-
-    def drop() -> None:
-        store.dispose_engines()
-        with store.get_engine(arg).begin() as connection:
-            connection.execute(text(f"DROP SCHEMA IF EXISTS {schema} CASCADE"))
-        store.dispose_engines()
-
-    url = f"{arg}{'&' if '?' in arg else '?'}options=-csearch_path%3D{schema}"
+    url, drop = postgres_schema(arg, schema)
     return url, f"PostgreSQL (schema {schema})", drop
 
 

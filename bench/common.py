@@ -76,12 +76,6 @@ def percentiles(values: Iterable[float], digits: int = 3) -> dict[str, float | i
     }
 
 
-def median(values: list[float]) -> float:
-    ordered = sorted(values)
-    mid = len(ordered) // 2
-    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
-
-
 def machine() -> dict[str, Any]:
     meminfo = Path("/proc/meminfo")
     total_kb = 0
@@ -185,6 +179,21 @@ class Store:
     cleanup: Callable[[], None]
 
 
+def postgres_schema(server_url: str, schema: str) -> tuple[str, Callable[[], None]]:
+    """A fresh schema on a PostgreSQL server: the URL whose connections use it, and its dropper."""
+    with store.get_engine(server_url).begin() as connection:
+        connection.execute(text(f"DROP SCHEMA IF EXISTS {schema} CASCADE"))
+        connection.execute(text(f"CREATE SCHEMA {schema}"))
+
+    def drop() -> None:
+        store.dispose_engines()
+        with store.get_engine(server_url).begin() as connection:
+            connection.execute(text(f"DROP SCHEMA IF EXISTS {schema} CASCADE"))
+        store.dispose_engines()
+
+    return f"{server_url}{'&' if '?' in server_url else '?'}options=-csearch_path%3D{schema}", drop
+
+
 def fresh_store(database: str | None, name: str) -> Store:
     if database is None or database.startswith("sqlite"):
         directory = Path(tempfile.mkdtemp(prefix=f"roomkeeper-bench-{name}-"))
@@ -192,18 +201,7 @@ def fresh_store(database: str | None, name: str) -> Store:
         store.migrate(url)
         store.dispose_engines()
         return Store(url, "SQLite", lambda: None)
-    schema = f"bench_{name}_{os.getpid()}"
-    with store.get_engine(database).begin() as connection:
-        connection.execute(text(f"DROP SCHEMA IF EXISTS {schema} CASCADE"))
-        connection.execute(text(f"CREATE SCHEMA {schema}"))
-
-    def drop() -> None:
-        store.dispose_engines()
-        with store.get_engine(database).begin() as connection:
-            connection.execute(text(f"DROP SCHEMA IF EXISTS {schema} CASCADE"))
-        store.dispose_engines()
-
-    url = f"{database}{'&' if '?' in database else '?'}options=-csearch_path%3D{schema}"
+    url, drop = postgres_schema(database, f"bench_{name}_{os.getpid()}")
     store.migrate(url)
     store.dispose_engines()
     return Store(url, "PostgreSQL", drop)

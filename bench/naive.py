@@ -124,6 +124,17 @@ def get_redis() -> redis.Redis:
         return _redis
 
 
+# What a typical user gives such tasks: Celery's own retries with exponential backoff and jitter.
+RETRYING: dict[str, Any] = {
+    "bind": True,
+    "autoretry_for": RETRY_ON,
+    "retry_backoff": True,
+    "retry_backoff_max": 60,
+    "retry_jitter": True,
+    "max_retries": 5,
+}
+
+
 def _count(task: Task, short_name: str, booking_id: str) -> None:
     store = get_redis()
     store.hincrby(EXECUTIONS_KEY.format(task=short_name), booking_id, 1)
@@ -131,15 +142,7 @@ def _count(task: Task, short_name: str, booking_id: str) -> None:
         store.hincrby(RETRIES_KEY.format(task=short_name), booking_id, 1)
 
 
-@app.task(
-    bind=True,
-    name=CREATE_TASK,
-    autoretry_for=RETRY_ON,
-    retry_backoff=True,
-    retry_backoff_max=60,
-    retry_jitter=True,
-    max_retries=5,
-)
+@app.task(name=CREATE_TASK, **RETRYING)
 def create_room(self: Task, booking_id: str, start: str, end: str) -> dict[str, str]:
     """Create the booking's room, ending at `end`, and remember its meeting id."""
     _count(self, "create_room", booking_id)
@@ -152,15 +155,7 @@ def create_room(self: Task, booking_id: str, start: str, end: str) -> dict[str, 
     return {"booking_id": booking_id, "meeting_id": meeting.meeting_id, "room_url": meeting.room_url}
 
 
-@app.task(
-    bind=True,
-    name=DELETE_TASK,
-    autoretry_for=RETRY_ON,
-    retry_backoff=True,
-    retry_backoff_max=60,
-    retry_jitter=True,
-    max_retries=5,
-)
+@app.task(name=DELETE_TASK, **RETRYING)
 def delete_room(self: Task, booking_id: str) -> dict[str, Any]:
     """Delete the room `create_room` remembered for this booking (a 404 means it is gone already)."""
     _count(self, "delete_room", booking_id)

@@ -321,11 +321,12 @@ def phase_budget(args: argparse.Namespace, rng: random.Random) -> dict[str, Any]
             for b in bookings
             for r in audit.rooms.get(b.booking_id, [])[:1]
         ]
+        spent = sum(int(c.get("points") or 0) for c in calls)
         figures.update(
             points_per_minute=budget,
             points_needed=need,
-            points_spent=sum(int(c.get("points") or 0) for c in calls),
-            points_per_meeting=round(sum(int(c.get("points") or 0) for c in calls) / len(bookings), 2),
+            points_spent=spent,
+            points_per_meeting=round(spent / len(bookings), 2),
             failed=sum(1 for s in states.values() if s == "failed"),
             creation_delay_s=percentiles(late),
             creations_ahead_of_an_overdue_deletion=ahead,

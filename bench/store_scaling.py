@@ -63,6 +63,7 @@ from sqlalchemy import Connection, Engine, create_engine, event, insert, text, u
 from sqlalchemy.engine import make_url
 from sqlmodel import SQLModel, col
 
+from bench.common import postgres_schema
 from config.settings import reset_settings
 from worker import budget, lifecycle, service, store
 from worker.models import Meeting, MeetingState, Room, RoomState, utcnow
@@ -499,17 +500,11 @@ def fresh_store(database_url: str) -> Iterator[tuple[str, Dialect, str]]:
                     Path(f"{file}{suffix}").unlink(missing_ok=True)
         return
     schema = f"bench_scaling_{os.getpid()}"
-    with store.get_engine(database_url).begin() as connection:
-        connection.execute(text(f"DROP SCHEMA IF EXISTS {schema} CASCADE"))
-        connection.execute(text(f"CREATE SCHEMA {schema}"))
+    url, drop = postgres_schema(database_url, schema)
     try:
-        url = f"{database_url}{'&' if '?' in database_url else '?'}options=-csearch_path%3D{schema}"
         yield url, POSTGRES, f"PostgreSQL (schema {schema})"
     finally:
-        store.dispose_engines()
-        with store.get_engine(database_url).begin() as connection:
-            connection.execute(text(f"DROP SCHEMA IF EXISTS {schema} CASCADE"))
-        store.dispose_engines()
+        drop()
 
 
 def _summary(values: list[float]) -> dict[str, float]:
