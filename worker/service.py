@@ -154,6 +154,9 @@ def view(meeting: Meeting, room: Room | None) -> dict[str, Any]:
     }
 
 
+EMITTED = "roomkeeper.emitted"  # session.info key: this transaction queued an outbox event
+
+
 def emit(session: Session, meeting: Meeting, room: Room | None, event: str, now: datetime) -> None:
     """Queue an event for the caller's notify task; it leaves only once this transaction commits."""
     note(session, meeting.booking_id, "event", event)
@@ -165,7 +168,7 @@ def emit(session: Session, meeting: Meeting, room: Room | None, event: str, now:
         "meeting": view(meeting, room),
         "occurred_at": fmt(now),
     }
-    session.info["outbox"] = True  # the caller's AfterCommit has something to flush
+    session.info[EMITTED] = True  # see AfterCommit.flush_only_if_emitted
     session.add(
         Outbox(
             created_at=now,
@@ -195,6 +198,10 @@ class AfterCommit:
     meetings: set[int] = field(default_factory=set)
     rooms: set[int] = field(default_factory=set)
     outbox: bool = False
+
+    def flush_only_if_emitted(self, session: Session) -> None:
+        """Flush the outbox after the commit only if this transaction queued an event (`emit`)."""
+        self.outbox = bool(session.info.get(EMITTED))
 
     def run(self) -> None:
         if self.meetings or self.rooms:
@@ -271,7 +278,7 @@ def _schedule(request: ScheduleRequest) -> dict[str, Any]:
         # later is the dispatcher's, so a booking days ahead costs no dispatch query at all.
         if meeting.due_at is not None and meeting.due_at <= dispatch_horizon(now, settings):
             after.meetings.add(meeting.id)
-        after.outbox = bool(session.info.get("outbox"))
+        after.flush_only_if_emitted(session)
         result = view(meeting, _current_room(session, meeting))
     after.run()
     return result
@@ -645,7 +652,7 @@ def _create_succeeded(
                 )
             emit(session, meeting, room, event, now)
             outcome = f"{event}: {made.meeting_id}"
-        after.outbox = bool(session.info.get("outbox"))
+        after.flush_only_if_emitted(session)
     after.run()
     return outcome
 
@@ -772,7 +779,7 @@ def _delete_succeeded(room_pk: int, run: str, existed: bool, calls: Sequence[whe
                 if meeting.state in (MeetingState.READY, MeetingState.DELETING):
                     set_state(session, meeting, MeetingState.ENDED, f"room {room.whereby_id} {outcome}")
                 emit(session, meeting, None, "room.deleted", now)
-        after.outbox = bool(session.info.get("outbox"))
+        after.flush_only_if_emitted(session)
     after.run()
     return outcome
 
