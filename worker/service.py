@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
+import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -401,44 +403,79 @@ def cancel_meeting(booking_id: str) -> dict[str, Any]:
 M = TypeVar("M", Meeting, Room)
 
 
-def _take_claim(session: Session, model: type[M], pk: int, claim: str, settings: Settings) -> str | None:
-    """Swap the dispatcher's claim for this run's own; None if another delivery got there first."""
+def _take_claim(session: Session, model: type[M], pk: int, claim: str, settings: Settings) -> M | None:
+    """Swap the dispatcher's claim for this run's own and load the row, in one statement; None if
+    another delivery got there first. The run's token is then the row's `claim_token`."""
     run = RUN_CLAIM + uuid.uuid4().hex
     lease = utcnow() + timedelta(seconds=settings.claim_lease_seconds)
-    result = session.execute(
+    return session.scalars(
         update(model)
         .where(col(model.id) == pk, col(model.claim_token) == claim)
         .values(claim_token=run, claim_until=lease)
-    )
-    return run if result.rowcount == 1 else None  # type: ignore[attr-defined]
+        .returning(model),
+        execution_options={"populate_existing": True},
+    ).one_or_none()
 
 
-@contextmanager
-def heartbeat(model: type[M], pk: int, run: str, settings: Settings) -> Iterator[None]:
-    """Keep a run's claim alive while it waits on Whereby; a dead process stops renewing it, so
-    its work is picked up again one lease later instead of after any fixed worst case."""
-    lease = settings.claim_lease_seconds
-    stop = threading.Event()
+class _Renewer:
+    """Keeps running tasks' claims alive while they wait on Whereby: one thread per process
+    renews every claim held in it, in one transaction, each third of a lease. A dead process
+    stops renewing, so its work is picked up again one lease later instead of after any fixed
+    worst case."""
 
-    def renew() -> None:
-        while not stop.wait(lease / 3):
-            try:
-                with session_scope() as session:
+    def __init__(self) -> None:
+        self._held: dict[tuple[type[Meeting] | type[Room], int], str] = {}
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    @contextmanager
+    def holding(self, model: type[M], pk: int, run: str) -> Iterator[None]:
+        key = (model, pk)
+        with self._lock:
+            self._held[key] = run
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="claim-renewer", daemon=True)
+                self._thread.start()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._held.pop(key, None)
+
+    def _run(self) -> None:
+        while True:
+            lease = get_settings().claim_lease_seconds
+            time.sleep(lease / 3)
+            with self._lock:
+                held = list(self._held.items())
+            if held:
+                try:
+                    self.renew(held, lease)
+                except Exception:  # the next round, or the lease running out, settles it
+                    log.exception("renewing %d claims failed", len(held))
+
+    @staticmethod
+    def renew(held: Sequence[tuple[tuple[type[Meeting] | type[Room], int], str]], lease: float) -> None:
+        until = utcnow() + timedelta(seconds=lease)
+        with session_scope() as session:
+            for model in (Meeting, Room):
+                pks = [pk for (kind, pk), _ in held if kind is model]
+                runs = [run for (kind, _), run in held if kind is model]
+                if pks:
+                    # Run tokens are unique, so a token can only match the row that holds it.
                     session.execute(
                         update(model)
-                        .where(col(model.id) == pk, col(model.claim_token) == run)
-                        .values(claim_until=utcnow() + timedelta(seconds=lease))
+                        .where(col(model.id).in_(pks), col(model.claim_token).in_(runs))
+                        .values(claim_until=until)
                     )
-            except Exception:  # the next beat, or the lease running out, settles it
-                log.exception("renewing the claim on %s %s failed", model.__name__, pk)
 
-    thread = threading.Thread(target=renew, name=f"heartbeat-{pk}", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join()
+    def forget_after_fork(self) -> None:
+        # A forked child has no renewer thread, and may have copied a lock some thread held.
+        self.__init__()  # type: ignore[misc]
+
+
+_renewer = _Renewer()
+os.register_at_fork(after_in_child=_renewer.forget_after_fork)
 
 
 def _release(row: Meeting | Room) -> None:
@@ -489,7 +526,7 @@ def create_room(meeting_pk: int, claim: str) -> str:
     plan = _start_create(meeting_pk, claim, settings)
     if isinstance(plan, str):
         return plan
-    with recording_calls() as calls, heartbeat(Meeting, meeting_pk, plan.run, settings):
+    with recording_calls() as calls, _renewer.holding(Meeting, meeting_pk, plan.run):
         try:
             made = _make_room(plan)
         except whereby.WherebyError as error:
@@ -502,11 +539,11 @@ def create_room(meeting_pk: int, claim: str) -> str:
 def _start_create(meeting_pk: int, claim: str, settings: Settings) -> CreatePlan | str:
     now = utcnow()
     with session_scope() as session:
-        run = _take_claim(session, Meeting, meeting_pk, claim, settings)
-        if run is None:
+        meeting = _take_claim(session, Meeting, meeting_pk, claim, settings)
+        if meeting is None:
             return "skipped: claim already taken (duplicate delivery)"
-        meeting = session.get(Meeting, meeting_pk, populate_existing=True)
-        assert meeting is not None
+        run = meeting.claim_token
+        assert run is not None
         if meeting.state not in (MeetingState.SCHEDULED, MeetingState.CREATING) or meeting.due_at is None:
             _release(meeting)
             return f"skipped: meeting is {meeting.state}"
@@ -737,11 +774,11 @@ def delete_room(room_pk: int, claim: str) -> str:
     settings = get_settings()
     now = utcnow()
     with session_scope() as session:
-        run = _take_claim(session, Room, room_pk, claim, settings)
-        if run is None:
+        room = _take_claim(session, Room, room_pk, claim, settings)
+        if room is None:
             return "skipped: claim already taken (duplicate delivery)"
-        room = session.get(Room, room_pk, populate_existing=True)
-        assert room is not None
+        run = room.claim_token
+        assert run is not None
         meeting = session.get(Meeting, room.meeting_pk)
         assert meeting is not None
         if room.state != RoomState.LIVE or room.due_at is None:
@@ -755,7 +792,7 @@ def delete_room(room_pk: int, claim: str) -> str:
         booking_id = meeting.booking_id
         whereby_id = room.whereby_id
         expired = now > room.end_date + lifecycle.WHEREBY_SELF_DELETE
-    with recording_calls() as calls, heartbeat(Room, room_pk, run, settings):
+    with recording_calls() as calls, _renewer.holding(Room, room_pk, run):
         try:
             # Past Whereby's own clean-up there is nothing left to delete.
             existed = False if expired or whereby_id is None else get_client().delete_meeting(whereby_id)
