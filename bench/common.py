@@ -123,6 +123,29 @@ def tree_peak_rss_mib(pid: int) -> float | None:
     return round(total, 1)
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """User plus system CPU time a process has used so far, its threads included."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu_seconds(pid: int) -> float | None:
+    """CPU time of a process plus its children (a prefork pool's processes)."""
+    total = cpu_seconds(pid)
+    if total is None:
+        return None
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        children = []
+    for child in children:
+        total += cpu_seconds(int(child)) or 0.0
+    return total
+
+
 # --------------------------------------------------------------------------------------------
 # The sandbox as its own process, as the Procfile's `sandbox` runs it.
 
@@ -269,6 +292,10 @@ class Stack:
             if beat.poll() is None:
                 self.memory[f"beat{n}"] = tree_peak_rss_mib(beat.pid)
         return self.memory
+
+    def worker_cpu_seconds(self) -> float:
+        """CPU time all worker processes have used so far."""
+        return sum(tree_cpu_seconds(worker.pid) or 0.0 for worker in self.procs.workers)
 
     def stop_workers(self) -> None:
         for worker in self.procs.workers:

@@ -235,11 +235,18 @@ def phase_throughput(args: argparse.Namespace, rng: random.Random) -> dict[str, 
             if utcnow() > due:
                 say(f"  throughput: booking took {intake['answered_s']} s, past the common due instant")
             wanted, admin = len(bookings), stack.sandbox.admin
+            # The workers' CPU time from the due instant to the last room: what a creation costs.
+            time.sleep(max(0.0, (due - utcnow()).total_seconds() - 0.5))
+            cpu_before = stack.worker_cpu_seconds()
             wait_until(
                 lambda: len(admin.rooms(include_deleted=False)) >= wanted,  # noqa: B023 (called at once)
                 time.monotonic() + margin + 120,
             )
+            cpu_used = stack.worker_cpu_seconds() - cpu_before
             figures = creation_rate(stack.sandbox.admin.calls())
+            figures["cpu_ms_per_creation"] = (
+                round(1000 * cpu_used / figures["created"], 2) if figures["created"] else None
+            )
             figures["from_due_s"] = None
             rooms = stack.sandbox.admin.rooms()
             if rooms:
@@ -474,7 +481,8 @@ def table(report: dict[str, Any]) -> str:
             lines.append(
                 f"  {row['processes']} process(es) x {row['concurrency']:>3} threads, {row.get('store')}: "
                 f"{row['per_s']} creations/s "
-                f"(steady {row['steady_per_s']}/s, {row['created']} rooms)"
+                f"(steady {row['steady_per_s']}/s, {row['created']} rooms), "
+                f"worker CPU {row.get('cpu_ms_per_creation')} ms a creation"
             )
     if "store" in phases:
         for label, f in phases["store"].items():

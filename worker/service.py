@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
-from sqlalchemy import and_, event, insert, or_, update
+from sqlalchemy import Row, and_, event, insert, or_, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session as OrmSession
 from sqlmodel import Session, col, select
@@ -131,9 +131,13 @@ def note(session: Session, booking_id: str, kind: str, action: str, outcome: str
 
 def set_state(session: Session, meeting: Meeting, state: MeetingState, why: str = "") -> None:
     if meeting.state != state:
-        note(session, meeting.booking_id, "state", f"{meeting.state} -> {state}", why)
-        log.info("booking %s: %s -> %s %s", meeting.booking_id, meeting.state, state, why)
+        _note_state(session, meeting.booking_id, meeting.state, state, why)
         meeting.state = state
+
+
+def _note_state(session: Session, booking_id: str, was: str, state: MeetingState, why: str) -> None:
+    note(session, booking_id, "state", f"{was} -> {state}", why)
+    log.info("booking %s: %s -> %s %s", booking_id, was, state, why)
 
 
 def record_calls(session: Session, booking_id: str, calls: Iterable[whereby.CallRecord]) -> None:
@@ -403,18 +407,24 @@ def cancel_meeting(booking_id: str) -> dict[str, Any]:
 M = TypeVar("M", Meeting, Room)
 
 
-def _take_claim(session: Session, model: type[M], pk: int, claim: str, settings: Settings) -> M | None:
-    """Swap the dispatcher's claim for this run's own and load the row, in one statement; None if
-    another delivery got there first. The run's token is then the row's `claim_token`."""
+def _take_claim(
+    session: Session, model: type[M], pk: int, claim: str, settings: Settings, *columns: Any
+) -> Row[Any] | None:
+    """Swap the dispatcher's claim for this run's own; None if another delivery got there first.
+
+    One Core UPDATE … RETURNING: the row's new `claim_token` (the run's token) and `columns`."""
     run = RUN_CLAIM + uuid.uuid4().hex
     lease = utcnow() + timedelta(seconds=settings.claim_lease_seconds)
-    return session.scalars(
-        update(model)
-        .where(col(model.id) == pk, col(model.claim_token) == claim)
-        .values(claim_token=run, claim_until=lease)
-        .returning(model),
-        execution_options={"populate_existing": True},
-    ).one_or_none()
+    return (
+        session.connection()
+        .execute(
+            update(model)
+            .where(col(model.id) == pk, col(model.claim_token) == claim)
+            .values(claim_token=run, claim_until=lease)
+            .returning(col(model.claim_token), *columns)
+        )
+        .one_or_none()
+    )
 
 
 class _Renewer:
@@ -537,69 +547,104 @@ def create_room(meeting_pk: int, claim: str) -> str:
 
 
 def _start_create(meeting_pk: int, claim: str, settings: Settings) -> CreatePlan | str:
+    """Claim the meeting, record the attempt and its pending room, and say what to ask Whereby.
+
+    The common case (due, wanted, not over) is plain SQL: this transaction runs once for every
+    room made, and the ORM's unit of work cost more CPU than the Whereby call itself."""
     now = utcnow()
     with session_scope() as session:
-        meeting = _take_claim(session, Meeting, meeting_pk, claim, settings)
-        if meeting is None:
-            return "skipped: claim already taken (duplicate delivery)"
-        run = meeting.claim_token
-        assert run is not None
-        if meeting.state not in (MeetingState.SCHEDULED, MeetingState.CREATING) or meeting.due_at is None:
-            _release(meeting)
-            return f"skipped: meeting is {meeting.state}"
-        if meeting.due_at > now + EARLY_SLACK:
-            _release(meeting)  # rescheduled later since dispatch: the dispatcher will come back
-            return "skipped: not due yet"
-        if meeting.room_end <= now:
-            # Over before a room could be made (a long outage): making one now helps nobody.
-            _release(meeting)
-            meeting.due_at = None
-            meeting.updated_at = now
-            if meeting.replacing:
-                meeting.replacing = False
-                set_state(session, meeting, MeetingState.ENDED, "ended before its replacement room was made")
-                emit(session, meeting, None, "room.deleted", now)
-            else:
-                meeting.last_error = "the meeting ended before a room could be made"
-                set_state(session, meeting, MeetingState.FAILED, meeting.last_error)
-                emit(session, meeting, None, "room.failed", now)
-            return f"skipped: meeting already over ({meeting.state})"
-        pending = (
-            session.execute(
-                select(Room)
-                .where(Room.meeting_pk == meeting_pk, Room.state == RoomState.PENDING)
-                .order_by(col(Room.id))
-            )
-            .scalars()
-            .first()
+        claimed = _take_claim(
+            session,
+            Meeting,
+            meeting_pk,
+            claim,
+            settings,
+            Meeting.booking_id,
+            Meeting.state,
+            Meeting.due_at,
+            Meeting.room_end,
+            Meeting.room_options,
+            Meeting.attempts,
         )
-        options = dict(meeting.room_options)
+        if claimed is None:
+            return "skipped: claim already taken (duplicate delivery)"
+        if (
+            claimed.state not in (MeetingState.SCHEDULED, MeetingState.CREATING)
+            or claimed.due_at is None
+            or claimed.due_at > now + EARLY_SLACK
+            or claimed.room_end <= now
+        ):
+            meeting = session.get(Meeting, meeting_pk, populate_existing=True)
+            assert meeting is not None
+            return _not_creating(session, meeting, now)
+        pending = session.execute(
+            select(Room.id, Room.name_prefix)
+            .where(Room.meeting_pk == meeting_pk, Room.state == RoomState.PENDING)
+            .order_by(col(Room.id))
+            .limit(1)
+        ).first()
+        options = dict(claimed.room_options)
         caller_prefix = options.pop("room_name_prefix", None)
+        connection = session.connection()
         if pending is None:
             tag = lifecycle.new_tag()
-            pending = Room(
-                meeting_pk=meeting_pk,
-                tag=tag,
-                name_prefix=lifecycle.room_name_prefix(settings.room_prefix, tag, caller_prefix),
-                state=RoomState.PENDING,
-                end_date=meeting.room_end,
-                created_at=now,
-            )
-            session.add(pending)
+            name_prefix = lifecycle.room_name_prefix(settings.room_prefix, tag, caller_prefix)
+            room_pk = connection.execute(
+                insert(Room)
+                .values(
+                    meeting_pk=meeting_pk,
+                    tag=tag,
+                    name_prefix=name_prefix,
+                    state=RoomState.PENDING,
+                    end_date=claimed.room_end,
+                    created_at=now,
+                )
+                .returning(col(Room.id))
+            ).scalar_one()
             look_up_first = False
         else:
             # An earlier attempt's outcome is unknown: its room may exist. Look before creating.
-            pending.end_date = meeting.room_end
+            room_pk, name_prefix = pending
+            connection.execute(update(Room).where(col(Room.id) == room_pk).values(end_date=claimed.room_end))
             look_up_first = True
-        meeting.attempts += 1
-        meeting.updated_at = now
-        set_state(session, meeting, MeetingState.CREATING, f"attempt {meeting.attempts}")
-        session.flush()
-        assert pending.id is not None
-        request = whereby.CreateMeetingRequest(
-            end_date=meeting.room_end, room_name_prefix=pending.name_prefix, **options
+        assert room_pk is not None
+        attempt = claimed.attempts + 1
+        connection.execute(
+            update(Meeting)
+            .where(col(Meeting.id) == meeting_pk)
+            .values(attempts=attempt, updated_at=now, state=MeetingState.CREATING)
         )
-        return CreatePlan(run, pending.id, meeting.booking_id, pending.name_prefix, request, look_up_first)
+        if claimed.state != MeetingState.CREATING:
+            _note_state(
+                session, claimed.booking_id, claimed.state, MeetingState.CREATING, f"attempt {attempt}"
+            )
+        request = whereby.CreateMeetingRequest(
+            end_date=claimed.room_end, room_name_prefix=name_prefix, **options
+        )
+        return CreatePlan(
+            claimed.claim_token, room_pk, claimed.booking_id, name_prefix, request, look_up_first
+        )
+
+
+def _not_creating(session: Session, meeting: Meeting, now: datetime) -> str:
+    """A claimed meeting that must not get a room now: say why, and settle it if it is over."""
+    _release(meeting)
+    if meeting.state not in (MeetingState.SCHEDULED, MeetingState.CREATING) or meeting.due_at is None:
+        return f"skipped: meeting is {meeting.state}"
+    if meeting.due_at > now + EARLY_SLACK:
+        return "skipped: not due yet"  # rescheduled later since dispatch: the dispatcher comes back
+    # Over before a room could be made (a long outage): making one now helps nobody.
+    meeting.due_at = None
+    meeting.updated_at = now
+    if meeting.replacing:
+        meeting.replacing = False
+        set_state(session, meeting, MeetingState.ENDED, "ended before its replacement room was made")
+        emit(session, meeting, None, "room.deleted", now)
+    else:
+        meeting.last_error = "the meeting ended before a room could be made"
+        set_state(session, meeting, MeetingState.FAILED, meeting.last_error)
+        emit(session, meeting, None, "room.failed", now)
+    return f"skipped: meeting already over ({meeting.state})"
 
 
 def _make_room(plan: CreatePlan) -> whereby.Meeting:
@@ -636,9 +681,11 @@ def _create_succeeded(
     after = AfterCommit(outbox=True)
     with session_scope() as session:
         record_calls(session, plan.booking_id, calls)
-        meeting = session.get(Meeting, meeting_pk, populate_existing=True)
-        room = session.get(Room, plan.room_pk, populate_existing=True)
-        assert meeting is not None and room is not None
+        meeting, room = session.execute(
+            select(Meeting, Room)
+            .join(Room, col(Room.meeting_pk) == col(Meeting.id))
+            .where(col(Meeting.id) == meeting_pk, col(Room.id) == plan.room_pk)
+        ).one()
         if meeting.claim_token is not None and not _holds(meeting, plan.run):
             # Our claim lapsed and another run holds the meeting now. It owns this attempt (it
             # looks the room up by its tag and adopts it), so this late finisher changes nothing.
@@ -774,11 +821,12 @@ def delete_room(room_pk: int, claim: str) -> str:
     settings = get_settings()
     now = utcnow()
     with session_scope() as session:
-        room = _take_claim(session, Room, room_pk, claim, settings)
-        if room is None:
+        claimed = _take_claim(session, Room, room_pk, claim, settings)
+        if claimed is None:
             return "skipped: claim already taken (duplicate delivery)"
-        run = room.claim_token
-        assert run is not None
+        run = claimed.claim_token
+        room = session.get(Room, room_pk, populate_existing=True)
+        assert room is not None
         meeting = session.get(Meeting, room.meeting_pk)
         assert meeting is not None
         if room.state != RoomState.LIVE or room.due_at is None:
