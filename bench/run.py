@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -209,64 +210,93 @@ def phase_throughput(args: argparse.Namespace, rng: random.Random) -> dict[str, 
     if args.postgres and args.database is None:
         shapes.append((cores, 16, args.postgres))  # the production store
     for processes, concurrency, database in shapes:
-        stack = Stack.start(
-            f"throughput{processes}x{concurrency}",
-            database=database,
-            latency_ms=args.latency,
-            settings={
-                "ROOMKEEPER_CREATE_LEAD_SECONDS": "5",
-                "ROOMKEEPER_WORKER_CONCURRENCY": str(concurrency),
-            },
-            workers=processes,
+        # A run's rate moves by ±15 % from one run to the next on a shared host: quote the median.
+        runs = [
+            throughput_run(args, processes, concurrency, database, n) for n in range(args.throughput_repeats)
+        ]
+        row = throughput_median(runs)
+        rows.append(row)
+        say(
+            f"  throughput: {processes} x {concurrency} threads, {row['store']}: {row['per_s']}/s "
+            f"(median of {len(runs)}: {row['per_s_runs']}), "
+            f"worker CPU {row['cpu_ms_per_creation']} ms a creation"
         )
-        try:
-            # Every creation falls due at one instant T, after all are booked and dispatched.
-            margin = 10 + args.throughput_meetings / 80
-            due = utcnow() + timedelta(seconds=margin)
-            bookings = [
-                Booked(
-                    f"tp{processes}x{concurrency}-{i:05d}",
-                    due + timedelta(seconds=5),
-                    due + timedelta(hours=2),
-                )
-                for i in range(args.throughput_meetings)
-            ]
-            intake = send_schedules(stack.procs.caller, bookings)
-            if utcnow() > due:
-                say(f"  throughput: booking took {intake['answered_s']} s, past the common due instant")
-            wanted, admin = len(bookings), stack.sandbox.admin
-            # The workers' CPU time from the due instant to the last room: what a creation costs.
-            time.sleep(max(0.0, (due - utcnow()).total_seconds() - 0.5))
-            cpu_before = stack.worker_cpu_seconds()
-            wait_until(
-                lambda: len(admin.rooms(include_deleted=False)) >= wanted,  # noqa: B023 (called at once)
-                time.monotonic() + margin + 120,
+    return {
+        "pool": "threads",
+        "latency_ms": args.latency,
+        "meetings": args.throughput_meetings,
+        "repeats": args.throughput_repeats,
+        "rows": rows,
+    }
+
+
+def throughput_median(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row per shape: the median of each rate over the runs, the runs' rates beside it."""
+
+    def median_of(key: str) -> float | None:
+        values = [run[key] for run in runs if run.get(key) is not None]
+        return round(statistics.median(values), 2) if values else None
+
+    row = dict(runs[len(runs) // 2])  # shape, store, memory: the same in every run
+    for key in ("per_s", "steady_per_s", "cpu_ms_per_creation", "from_due_s"):
+        row[key] = median_of(key)
+    row["per_s_runs"] = [run.get("per_s") for run in runs]
+    row["created"] = min(run.get("created", 0) for run in runs)
+    return row
+
+
+def throughput_run(
+    args: argparse.Namespace, processes: int, concurrency: int, database: str | None, n: int
+) -> dict[str, Any]:
+    stack = Stack.start(
+        f"throughput{processes}x{concurrency}-{n}",
+        database=database,
+        latency_ms=args.latency,
+        settings={
+            "ROOMKEEPER_CREATE_LEAD_SECONDS": "5",
+            "ROOMKEEPER_WORKER_CONCURRENCY": str(concurrency),
+        },
+        workers=processes,
+    )
+    try:
+        # Every creation falls due at one instant T, after all are booked and dispatched.
+        margin = 10 + args.throughput_meetings / 80
+        due = utcnow() + timedelta(seconds=margin)
+        bookings = [
+            Booked(
+                f"tp{processes}x{concurrency}-{n}-{i:05d}",
+                due + timedelta(seconds=5),
+                due + timedelta(hours=2),
             )
-            cpu_used = stack.worker_cpu_seconds() - cpu_before
-            figures = creation_rate(stack.sandbox.admin.calls())
-            figures["cpu_ms_per_creation"] = (
-                round(1000 * cpu_used / figures["created"], 2) if figures["created"] else None
-            )
-            figures["from_due_s"] = None
-            rooms = stack.sandbox.admin.rooms()
-            if rooms:
-                last = max(parse(r["created_at"]) or due for r in rooms)
-                figures["from_due_s"] = round((last - due).total_seconds(), 3)
-            figures.update(
-                processes=processes,
-                concurrency=concurrency,
-                store=stack.store.label,
-                memory_mib=dict(stack.sample_memory()),
-            )
-            rows.append(figures)
-            say(
-                f"  throughput: {processes} x {concurrency} threads, {stack.store.label}: "
-                f"{figures['per_s']}/s "
-                f"(steady {figures['steady_per_s']}/s)"
-            )
-        finally:
-            stack.stop()
-    return {"pool": "threads", "latency_ms": args.latency, "meetings": args.throughput_meetings, "rows": rows}
+            for i in range(args.throughput_meetings)
+        ]
+        intake = send_schedules(stack.procs.caller, bookings)
+        if utcnow() > due:
+            say(f"  throughput: booking took {intake['answered_s']} s, past the common due instant")
+        wanted, admin = len(bookings), stack.sandbox.admin
+        # The workers' CPU time from the due instant to the last room: what a creation costs.
+        time.sleep(max(0.0, (due - utcnow()).total_seconds() - 0.5))
+        cpu_before = stack.worker_cpu_seconds()
+        wait_until(lambda: len(admin.rooms(include_deleted=False)) >= wanted, time.monotonic() + margin + 120)
+        cpu_used = stack.worker_cpu_seconds() - cpu_before
+        figures = creation_rate(admin.calls())
+        figures["cpu_ms_per_creation"] = (
+            round(1000 * cpu_used / figures["created"], 2) if figures["created"] else None
+        )
+        figures["from_due_s"] = None
+        rooms = admin.rooms()
+        if rooms:
+            last = max(parse(r["created_at"]) or due for r in rooms)
+            figures["from_due_s"] = round((last - due).total_seconds(), 3)
+        figures.update(
+            processes=processes,
+            concurrency=concurrency,
+            store=stack.store.label,
+            memory_mib=dict(stack.sample_memory()),
+        )
+        return figures
+    finally:
+        stack.stop()
 
 
 def phase_budget(args: argparse.Namespace, rng: random.Random) -> dict[str, Any]:
@@ -480,8 +510,8 @@ def table(report: dict[str, Any]) -> str:
         for row in f["rows"]:
             lines.append(
                 f"  {row['processes']} process(es) x {row['concurrency']:>3} threads, {row.get('store')}: "
-                f"{row['per_s']} creations/s "
-                f"(steady {row['steady_per_s']}/s, {row['created']} rooms), "
+                f"{row['per_s']} creations/s (runs {row.get('per_s_runs')}; "
+                f"steady {row['steady_per_s']}/s, {row['created']} rooms), "
                 f"worker CPU {row.get('cpu_ms_per_creation')} ms a creation"
             )
     if "store" in phases:
@@ -538,6 +568,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--intake", type=int, help="bookings sent at once (default 10000)")
     parser.add_argument("--throughput-meetings", type=int, help="creations per concurrency (default 2000)")
     parser.add_argument("--concurrency", help="worker thread counts (default 4,16,32,64)")
+    parser.add_argument("--throughput-repeats", type=int, help="runs per throughput shape (default 3)")
     parser.add_argument("--sizes", help="stored meetings for store scaling (default 10000,100000,1000000)")
     parser.add_argument("--repeats", type=int, default=5, help="repeats of timed store operations")
     parser.add_argument("--budget-meetings", type=int, default=40)
@@ -556,6 +587,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.meetings = args.meetings or (200 if quick else 1000)
     args.intake = args.intake or (2000 if quick else 10_000)
     args.throughput_meetings = args.throughput_meetings or (500 if quick else 2000)
+    args.throughput_repeats = args.throughput_repeats or (1 if quick else 3)
     args.concurrency = [int(x) for x in (args.concurrency or ("16" if quick else "4,16,32,64")).split(",")]
     args.sizes = [
         int(x) for x in (args.sizes or ("10000,100000" if quick else "10000,100000,1000000")).split(",")

@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from bench.common import Booked, lifecycle_figures, percentiles
-from bench.run import creation_rate
+from bench.run import creation_rate, throughput_median
 
 T0 = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
 
@@ -63,3 +63,17 @@ def test_creation_rate_counts_only_rooms_made() -> None:
     rate = creation_rate(calls)
     assert rate["created"] == 101
     assert rate["span_s"] == 1.0 and rate["per_s"] == 101.0
+
+
+def test_a_throughput_row_quotes_the_median_run_and_keeps_every_run() -> None:
+    shape = {"processes": 1, "concurrency": 16, "store": "SQLite", "memory_mib": {"worker1": 120.0}}
+    runs = [
+        {**shape, "per_s": 110.0, "steady_per_s": 112.0, "cpu_ms_per_creation": 9.5, "created": 2000},
+        {**shape, "per_s": 135.0, "steady_per_s": 136.0, "cpu_ms_per_creation": 7.0, "created": 2000},
+        {**shape, "per_s": 120.0, "steady_per_s": 125.0, "cpu_ms_per_creation": None, "created": 1990},
+    ]
+    row = throughput_median(runs)
+    assert row["per_s"] == 120.0 and row["steady_per_s"] == 125.0
+    assert row["cpu_ms_per_creation"] == 8.25  # a run without the figure is left out, not zero
+    assert row["per_s_runs"] == [110.0, 135.0, 120.0]
+    assert row["created"] == 1990 and row["store"] == "SQLite" and row["concurrency"] == 16

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from sqlmodel import col, select
 from tests.conftest import apply_settings
 from worker import service
 from worker.app import app
-from worker.models import Meeting, MeetingState, Room, RoomState, utcnow
+from worker.models import Meeting, MeetingState, Outbox, Room, RoomState, utcnow
 from worker.sandbox import SandboxAdmin
 from worker.store import session_scope
 
@@ -217,3 +218,66 @@ def test_a_failed_deletion_is_sent_again_at_its_retry_instant_not_at_the_next_ti
     assert again.task == "rooms.delete_room" and again.kwargs["room_pk"] == room_pk
     assert again.eta is not None
     assert timedelta(seconds=1.5) <= again.eta - now <= timedelta(seconds=8)
+
+
+def test_events_committed_while_another_thread_flushes_are_all_sent_once(
+    sent: list[Sent], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One flush runs per process at a time, and a commit that finds it running leaves its events
+    to it. Once every flush_outbox call has returned, no committed event may be left unsent."""
+    record = app.send_task
+
+    def slow_send(*args: Any, **kwargs: Any) -> None:
+        time.sleep(0.002)  # widens the window in which other threads commit and find it running
+        record(*args, **kwargs)
+
+    monkeypatch.setattr(app, "send_task", slow_send)
+    returned: list[int] = []
+
+    def commit_an_event_and_flush(i: int) -> None:
+        with session_scope() as session:
+            session.add(
+                Outbox(
+                    created_at=utcnow(),
+                    booking_id=f"flush-{i}",
+                    task="bookings.room_event",
+                    queue="events",
+                    kwargs={"n": i},
+                )
+            )
+        returned.append(service.flush_outbox())
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(commit_an_event_and_flush, range(200)))
+    with session_scope() as session:
+        unsent = session.execute(select(Outbox.id).where(col(Outbox.pending).is_(True))).all()
+    assert unsent == []
+    times_sent = Counter(s.kwargs["n"] for s in sent if s.task == "bookings.room_event")
+    assert sorted(times_sent) == list(range(200))
+    assert set(times_sent.values()) == {1}
+    assert sum(returned) == 200
+    assert returned.count(0) > 0  # some commits did leave their events to a running flush
+
+
+def test_a_claim_is_renewed_while_its_whereby_call_is_slow(sandbox: SandboxAdmin) -> None:
+    """The process's renewer keeps a running creation's claim alive past its first lease, so no
+    recovery pass takes the meeting over while Whereby is still answering."""
+    apply_settings(ROOMKEEPER_CLAIM_LEASE_SECONDS="1")
+    try:
+        (pk,) = store_meetings("renew", 1, due_in=-1)
+        with session_scope() as session:
+            claimed = service._claim_due(session, Meeting, utcnow(), utcnow(), {pk}, 10, timedelta(seconds=1))
+        sandbox.set_faults(latency_ms=2500)
+        with ThreadPoolExecutor(1) as pool:
+            outcome = pool.submit(service.create_room, pk, claimed[0][2])
+            time.sleep(2.0)  # two leases after the claim was taken
+            with session_scope() as session:
+                meeting = session.get(Meeting, pk)
+                assert meeting is not None and meeting.claim_token is not None
+                assert meeting.claim_token.startswith(service.RUN_CLAIM)
+                assert meeting.claim_until is not None and meeting.claim_until > utcnow()
+            assert service.dispatch_due(overdue_only=True)["create"] == 0
+            assert outcome.result(timeout=10).startswith("room.ready")
+    finally:
+        sandbox.set_faults(latency_ms=0)
+        apply_settings(ROOMKEEPER_CLAIM_LEASE_SECONDS=None)

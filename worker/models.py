@@ -6,7 +6,7 @@ import enum
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, Column, DateTime, Index, String, Text, TypeDecorator
+from sqlalchemy import JSON, Column, DateTime, Index, String, Text, TypeDecorator, text
 from sqlalchemy.engine import Dialect
 from sqlmodel import Field, SQLModel
 
@@ -125,10 +125,26 @@ class History(SQLModel, table=True):
     outcome: str = Field(default="", sa_column=Column(Text, nullable=False))
 
 
+# The partial index's predicate, as each dialect renders the flush's `Outbox.pending.is_(True)`:
+# a planner uses a partial index only when the query states its predicate.
+UNSENT = {"sqlite": "pending IS 1", "postgresql": "pending IS true"}
+
+
 class Outbox(SQLModel, table=True):
     """Events to send to a caller's notify task, written in the transaction of the change."""
 
     __tablename__ = "outbox"
+    # A flush reads the oldest unsent rows in id order. This partial index holds only those rows,
+    # in that order, so the read stays small however many were sent before, and the planner has
+    # nothing better to choose even before it has statistics (a fresh restore or bulk import).
+    __table_args__ = (
+        Index(
+            "ix_outbox_unsent",
+            "id",
+            sqlite_where=text(UNSENT["sqlite"]),
+            postgresql_where=text(UNSENT["postgresql"]),
+        ),
+    )
 
     id: int | None = Field(default=None, primary_key=True)
     created_at: datetime = _ts(nullable=False)
@@ -137,6 +153,5 @@ class Outbox(SQLModel, table=True):
     queue: str = Field(sa_column=Column(String(200), nullable=False))
     kwargs: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))
     sent_at: datetime | None = _ts()
-    # Indexed so a flush reads only the unsent rows, however many were sent before.
-    pending: bool = Field(default=True, index=True)
+    pending: bool = True
     claim_until: datetime | None = _ts()
