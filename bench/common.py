@@ -109,9 +109,9 @@ def peak_rss_mib(pid: int) -> float | None:
     return None
 
 
-def tree_peak_rss_mib(pid: int) -> float | None:
-    """Peak RSS of a process plus its children (a prefork pool's processes)."""
-    total = peak_rss_mib(pid)
+def tree_total(pid: int, measure: Callable[[int], float | None]) -> float | None:
+    """A figure of a process plus its children (a prefork pool's processes)."""
+    total = measure(pid)
     if total is None:
         return None
     try:
@@ -119,8 +119,13 @@ def tree_peak_rss_mib(pid: int) -> float | None:
     except OSError:
         children = []
     for child in children:
-        total += peak_rss_mib(int(child)) or 0.0
-    return round(total, 1)
+        total += measure(int(child)) or 0.0
+    return total
+
+
+def tree_peak_rss_mib(pid: int) -> float | None:
+    total = tree_total(pid, peak_rss_mib)
+    return None if total is None else round(total, 1)
 
 
 def cpu_seconds(pid: int) -> float | None:
@@ -130,20 +135,6 @@ def cpu_seconds(pid: int) -> float | None:
     except (OSError, IndexError):
         return None
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def tree_cpu_seconds(pid: int) -> float | None:
-    """CPU time of a process plus its children (a prefork pool's processes)."""
-    total = cpu_seconds(pid)
-    if total is None:
-        return None
-    try:
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    except OSError:
-        children = []
-    for child in children:
-        total += cpu_seconds(int(child)) or 0.0
-    return total
 
 
 # --------------------------------------------------------------------------------------------
@@ -295,7 +286,7 @@ class Stack:
 
     def worker_cpu_seconds(self) -> float:
         """CPU time all worker processes have used so far."""
-        return sum(tree_cpu_seconds(worker.pid) or 0.0 for worker in self.procs.workers)
+        return sum(tree_total(worker.pid, cpu_seconds) or 0.0 for worker in self.procs.workers)
 
     def stop_workers(self) -> None:
         for worker in self.procs.workers:
