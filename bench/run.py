@@ -249,7 +249,7 @@ def throughput_run(
     args: argparse.Namespace, processes: int, concurrency: int, database: str | None, n: int
 ) -> dict[str, Any]:
     stack = Stack.start(
-        f"throughput{processes}x{concurrency}-{n}",
+        f"throughput{processes}x{concurrency}r{n}",  # also a PostgreSQL schema name
         database=database,
         latency_ms=args.latency,
         settings={
