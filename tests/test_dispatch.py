@@ -281,3 +281,28 @@ def test_a_claim_is_renewed_while_its_whereby_call_is_slow(sandbox: SandboxAdmin
     finally:
         sandbox.set_faults(latency_ms=0)
         apply_settings(ROOMKEEPER_CLAIM_LEASE_SECONDS=None)
+
+
+def test_a_late_finisher_leaving_does_not_stop_the_renewal_of_the_run_that_took_over() -> None:
+    """Both runs of one meeting in one process: the one whose claim lapsed finishes first, and the
+    run holding the claim now must still be renewed."""
+    apply_settings(ROOMKEEPER_CLAIM_LEASE_SECONDS="1")
+    try:
+        (pk,) = store_meetings("late", 1, due_in=3600)
+        current = service.RUN_CLAIM + "current"
+        with session_scope() as session:
+            session.execute(
+                update(Meeting)
+                .where(col(Meeting.id) == pk)
+                .values(claim_token=current, claim_until=utcnow() + timedelta(seconds=1))
+            )
+        with service._renewer.holding(Meeting, pk, current):
+            with service._renewer.holding(Meeting, pk, service.RUN_CLAIM + "lapsed"):
+                pass  # the late finisher is done
+            time.sleep(2.0)  # two leases
+            with session_scope() as session:
+                meeting = session.get(Meeting, pk)
+                assert meeting is not None and meeting.claim_token == current
+                assert meeting.claim_until is not None and meeting.claim_until > utcnow()
+    finally:
+        apply_settings(ROOMKEEPER_CLAIM_LEASE_SECONDS=None)

@@ -434,15 +434,17 @@ class _Renewer:
     worst case."""
 
     def __init__(self) -> None:
-        self._held: dict[tuple[type[Meeting] | type[Room], int], str] = {}
+        # (model, pk, run): the run is part of the key, so a late finisher and the run that took
+        # its claim over, both in this process, never drop each other's renewal.
+        self._held: set[tuple[type[Meeting] | type[Room], int, str]] = set()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
     @contextmanager
     def holding(self, model: type[M], pk: int, run: str) -> Iterator[None]:
-        key = (model, pk)
+        key = (model, pk, run)
         with self._lock:
-            self._held[key] = run
+            self._held.add(key)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="claim-renewer", daemon=True)
                 self._thread.start()
@@ -450,14 +452,14 @@ class _Renewer:
             yield
         finally:
             with self._lock:
-                self._held.pop(key, None)
+                self._held.discard(key)
 
     def _run(self) -> None:
         while True:
             lease = get_settings().claim_lease_seconds
             time.sleep(lease / 3)
             with self._lock:
-                held = list(self._held.items())
+                held = list(self._held)
             if held:
                 try:
                     self.renew(held, lease)
@@ -465,12 +467,12 @@ class _Renewer:
                     log.exception("renewing %d claims failed", len(held))
 
     @staticmethod
-    def renew(held: Sequence[tuple[tuple[type[Meeting] | type[Room], int], str]], lease: float) -> None:
+    def renew(held: Sequence[tuple[type[Meeting] | type[Room], int, str]], lease: float) -> None:
         until = utcnow() + timedelta(seconds=lease)
         with session_scope() as session:
             for model in (Meeting, Room):
-                pks = [pk for (kind, pk), _ in held if kind is model]
-                runs = [run for (kind, _), run in held if kind is model]
+                pks = [pk for kind, pk, _ in held if kind is model]
+                runs = [run for kind, _, run in held if kind is model]
                 if pks:
                     # Run tokens are unique, so a token can only match the row that holds it.
                     session.execute(
