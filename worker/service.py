@@ -267,7 +267,7 @@ def _schedule(request: ScheduleRequest) -> dict[str, Any]:
     settings = get_settings()
     now = utcnow()
     create_at, room_end = lifecycle.plan(request.start, request.end, settings)
-    after = AfterCommit(outbox=True)
+    after = AfterCommit()
     with session_scope() as session:
         meeting = _load_meeting(session, request.booking_id, for_update=True)
         fields: dict[str, Any] = {
@@ -570,15 +570,22 @@ def _start_create(meeting_pk: int, claim: str, settings: Settings) -> CreatePlan
         )
         if claimed is None:
             return "skipped: claim already taken (duplicate delivery)"
-        if (
-            claimed.state not in (MeetingState.SCHEDULED, MeetingState.CREATING)
-            or claimed.due_at is None
-            or claimed.due_at > now + EARLY_SLACK
-            or claimed.room_end <= now
-        ):
+        skipped = None
+        if claimed.state not in (MeetingState.SCHEDULED, MeetingState.CREATING) or claimed.due_at is None:
+            skipped = f"skipped: meeting is {claimed.state}"
+        elif claimed.due_at > now + EARLY_SLACK:
+            skipped = "skipped: not due yet"  # rescheduled later since dispatch: the dispatcher comes back
+        elif claimed.room_end <= now:
             meeting = session.get(Meeting, meeting_pk, populate_existing=True)
             assert meeting is not None
-            return _not_creating(session, meeting, now)
+            return _over_before_its_room(session, meeting, now)
+        if skipped is not None:
+            session.execute(
+                update(Meeting)
+                .where(col(Meeting.id) == meeting_pk)
+                .values(claim_token=None, claim_until=None)
+            )
+            return skipped
         pending = session.execute(
             select(Room.id, Room.name_prefix)
             .where(Room.meeting_pk == meeting_pk, Room.state == RoomState.PENDING)
@@ -628,14 +635,9 @@ def _start_create(meeting_pk: int, claim: str, settings: Settings) -> CreatePlan
         )
 
 
-def _not_creating(session: Session, meeting: Meeting, now: datetime) -> str:
-    """A claimed meeting that must not get a room now: say why, and settle it if it is over."""
+def _over_before_its_room(session: Session, meeting: Meeting, now: datetime) -> str:
+    """Over before a room could be made (a long outage): making one now helps nobody."""
     _release(meeting)
-    if meeting.state not in (MeetingState.SCHEDULED, MeetingState.CREATING) or meeting.due_at is None:
-        return f"skipped: meeting is {meeting.state}"
-    if meeting.due_at > now + EARLY_SLACK:
-        return "skipped: not due yet"  # rescheduled later since dispatch: the dispatcher comes back
-    # Over before a room could be made (a long outage): making one now helps nobody.
     meeting.due_at = None
     meeting.updated_at = now
     if meeting.replacing:
@@ -680,7 +682,7 @@ def _create_succeeded(
     settings: Settings,
 ) -> str:
     now = utcnow()
-    after = AfterCommit(outbox=True)
+    after = AfterCommit()
     with session_scope() as session:
         record_calls(session, plan.booking_id, calls)
         meeting, room = session.execute(
@@ -786,7 +788,7 @@ def _create_failed(
         )
     else:
         log.warning("booking %s: creating the room failed: %s", plan.booking_id, reason)
-    after = AfterCommit(outbox=True)
+    after = AfterCommit()
     with session_scope() as session:
         record_calls(session, plan.booking_id, calls)
         meeting = session.get(Meeting, meeting_pk, populate_existing=True)
@@ -812,6 +814,7 @@ def _create_failed(
             meeting.due_at = meeting.next_attempt_at = decision.at
             after.meetings.add(meeting_pk)
             note(session, meeting.booking_id, "note", "retry planned", f"at {fmt(decision.at)}: {reason}")
+        after.flush_only_if_emitted(session)
     after.run()
 
 
@@ -855,7 +858,7 @@ def delete_room(room_pk: int, claim: str) -> str:
 
 def _delete_succeeded(room_pk: int, run: str, existed: bool, calls: Sequence[whereby.CallRecord]) -> str:
     now = utcnow()
-    after = AfterCommit(outbox=True)
+    after = AfterCommit()
     with session_scope() as session:
         room = session.get(Room, room_pk, populate_existing=True)
         assert room is not None
