@@ -64,8 +64,8 @@ def apply_settings(**env: str | None) -> None:
 
 def clear_budget() -> None:
     """Forget the shared budget's window and any pause a previous test left behind."""
-    client = budget.get_budget().client
-    client.delete("roomkeeper:budget:window", "roomkeeper:budget:paused", "roomkeeper:budget:deletes-waiting")
+    shared = budget.get_budget()
+    shared.client.delete(*shared.keys)
 
 
 @pytest.fixture(scope="session")

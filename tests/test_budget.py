@@ -17,7 +17,8 @@ from worker.sandbox import SandboxAdmin
 def fresh_keys() -> Iterator[str]:
     prefix = f"test-budget-{time.monotonic_ns()}"
     yield prefix
-    Budget(BROKER, 1, prefix=prefix).client.delete(*Budget(BROKER, 1, prefix=prefix).keys)
+    spent = Budget(BROKER, 1, prefix=prefix)
+    spent.client.delete(*spent.keys)
 
 
 def test_spends_at_most_the_budget_and_says_how_long_to_wait(fresh_keys: str) -> None:
