@@ -15,10 +15,10 @@ What is measured, per database (SQLite in a temporary file, or PostgreSQL in a s
 * The Whereby sandbox (worker.sandbox) runs in this process and holds exactly the rooms the store
   thinks are live (made through its own create call, recorded as room.whereby_id), so the
   reconciler finds nothing to repair and every pass does the same work.
-* tick: `service.dispatch_due()` followed by `service.flush_outbox()`, as the beat task
+* tick: `dispatch.dispatch_due()` followed by `outbox.flush_outbox()`, as the beat task
   `rooms.dispatch_due` runs them, sending its Celery messages to a real Redis (a queue of this
-  benchmark's own, purged after each run). recover: `service.dispatch_due(overdue_only=True)`, the
-  2-second recovery pass. reconcile: `service.reconcile()` against the sandbox. Before each timed
+  benchmark's own, purged after each run). recover: `dispatch.dispatch_due(overdue_only=True)`, the
+  2-second recovery pass. reconcile: `reconcile.reconcile()` against the sandbox. Before each timed
   run the due rows are put back to unclaimed, so every run claims and sends the same `due` items;
   each run's dispatched count and the queue's length are checked.
 * Each figure is the median of `repeats` runs (min and max beside it), after one untimed warm-up
@@ -64,8 +64,8 @@ from sqlalchemy.engine import make_url
 from sqlmodel import SQLModel, col
 
 from bench.common import postgres_schema
-from config.settings import reset_settings
-from worker import budget, lifecycle, service, store
+from worker import deployment, dispatch, lifecycle, outbox, runtime, store
+from worker import reconcile as reconciler
 from worker.models import Meeting, MeetingState, Room, RoomState, utcnow
 from worker.sandbox import SandboxConfig, SandboxServer
 
@@ -125,12 +125,12 @@ POSTGRES = Dialect(
 
 MEETING_COLUMNS = (
     'id, booking_id, state, start, "end", create_at, room_end, room_options, notify, metadata, room_id, '
-    "due_at, attempts, next_attempt_at, replacing, claim_token, claim_until, last_error, created_at, "
+    "due_at, attempts, replacing, claim_token, claim_until, last_error, created_at, "
     "updated_at"
 )
 ROOM_COLUMNS = (
     "id, meeting_pk, tag, name_prefix, state, whereby_id, room_name, room_url, host_room_url, "
-    "viewer_room_url, end_date, due_at, retired_reason, attempts, next_attempt_at, claim_token, "
+    "viewer_room_url, end_date, due_at, retired_reason, attempts, claim_token, "
     "claim_until, last_error, created_at, ready_at, deleted_at"
 )
 
@@ -159,7 +159,7 @@ def seed_statements(d: Dialect) -> list[tuple[str, str]]:
         )
         INSERT INTO meeting ({MEETING_COLUMNS})
         SELECT i, {common.replace("@STATE@", terminal)},
-            NULL, NULL, CASE WHEN b < 55 THEN 1 WHEN b = 59 THEN 8 ELSE 0 END, NULL,
+            NULL, NULL, CASE WHEN b < 55 THEN 1 WHEN b = 59 THEN 8 ELSE 0 END,
             FALSE, NULL, NULL,
             CASE WHEN b = 59 THEN 'ServerError: 503 Service Unavailable (gave up after 8 attempts)' END,
             {d.f(d.ts, "st - 900 - 86400 * (1 + i % 14)")}, {d.f(d.ts, f"st + {length} + 1")}
@@ -173,7 +173,7 @@ def seed_statements(d: Dialect) -> list[tuple[str, str]]:
         )
         INSERT INTO meeting ({MEETING_COLUMNS})
         SELECT i, {common.replace("@STATE@", "'scheduled'")},
-            NULL, {d.f(d.ts, "st - 900")}, 0, NULL, FALSE, NULL, NULL, NULL,
+            NULL, {d.f(d.ts, "st - 900")}, 0, FALSE, NULL, NULL, NULL,
             {d.f(d.ts, "made")}, {d.f(d.ts, "made")}
         FROM t
     """
@@ -182,7 +182,7 @@ def seed_statements(d: Dialect) -> list[tuple[str, str]]:
         SELECT id, id, tag, 'rk-' || tag || '-', 'deleted', CAST(10000000000 + id AS TEXT),
             '/rk-' || tag || '-' || sfx, '{PUBLIC_URL}/rk-' || tag || '-' || sfx,
             '{PUBLIC_URL}/rk-' || tag || '-' || sfx || '?roomKey=' || sfx, NULL,
-            room_end, NULL, NULL, 0, NULL, NULL, NULL, NULL, create_at, create_at, room_end
+            room_end, NULL, NULL, 0, NULL, NULL, NULL, create_at, create_at, room_end
         FROM (
             SELECT id, room_end, create_at, {d.f(d.hex8, "id")} AS tag, {d.f(d.hex32, "id")} AS sfx
             FROM meeting WHERE id BETWEEN :lo AND :hi AND state = 'ended'
@@ -297,7 +297,7 @@ def seed_fixed(engine: Engine, server: SandboxServer, fixed: Fixed) -> None:
         if has_room:
             # "z" is no hex digit: these tags never meet the bulk rows' hex tags.
             tag = "z" + lifecycle.new_tag()[1:]
-            prefix = lifecycle.room_name_prefix("rk", tag, None)
+            prefix = deployment.room_name_prefix("rk", deployment.identity(), tag, None)
             made = _sandbox_room(server, prefix, max(room_end, now + timedelta(hours=1)))
             rooms.append(
                 {
@@ -466,10 +466,7 @@ def _apply_env(env: dict[str, str | None]) -> dict[str, str | None]:
             os.environ.pop(name, None)
         else:
             os.environ[name] = value
-    reset_settings()
-    store.dispose_engines()
-    service.reset_client()
-    budget.reset_budget()
+    runtime.reset()
     return previous
 
 
@@ -579,20 +576,20 @@ class Bench:
         """One beat tick, as the rooms.dispatch_due task runs it; returns the items it sent."""
         self.release_due()
         with self.timed("tick"):
-            counts = service.dispatch_due()
-            service.flush_outbox()
+            counts = dispatch.dispatch_due()
+            outbox.flush_outbox()
         self._check(counts, "tick")
         return counts["create"] + counts["delete"]
 
     def recover(self) -> None:
         self.release_due()
         with self.timed("recover"):
-            counts = service.dispatch_due(overdue_only=True)
+            counts = dispatch.dispatch_due(overdue_only=True)
         self._check(counts, "recovery pass")
 
     def reconcile(self) -> None:
         with self.timed("reconcile"):
-            counts = service.reconcile()
+            counts = reconciler.reconcile()
         repairs = {k: v for k, v in counts.items() if k != "listed" and v}
         if repairs or counts["listed"] != self.fixed.live_rooms:
             raise RuntimeError(f"the reconciler saw a difference it should not: {counts}")

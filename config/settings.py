@@ -138,8 +138,9 @@ class Settings(BaseSettings):
 
     @property
     def room_tag_length(self) -> int:
-        """Characters of the room-name prefix the service itself uses: "<prefix>-<8-char tag>-"."""
-        return len(self.room_prefix) + 10
+        """Characters of the room-name prefix the service itself uses: "<prefix>-<5-char deployment
+        identity>-<8-char tag>-" (see worker/deployment.py)."""
+        return len(self.room_prefix) + 16
 
     @property
     def caller_prefix_max(self) -> int:

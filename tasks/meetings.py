@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from config.settings import get_settings
-from worker import service
+from worker import booking
 from worker.app import app
 
 # `throws`: a caller's mistake is an expected outcome, logged without a traceback.
@@ -15,14 +15,14 @@ from worker.requests import BookingRef, InvalidRequest, ScheduleRequest, validat
 @app.task(name="rooms.schedule_meeting", typing=False, throws=(InvalidRequest,))
 def schedule_meeting(*args: Any, **kwargs: Any) -> dict[str, Any]:
     request = validate(ScheduleRequest, args, kwargs, caller_prefix_max=get_settings().caller_prefix_max)
-    return service.schedule_meeting(request)
+    return booking.schedule_meeting(request)
 
 
 @app.task(name="rooms.cancel_meeting", typing=False, throws=(InvalidRequest,))
 def cancel_meeting(*args: Any, **kwargs: Any) -> dict[str, Any]:
-    return service.cancel_meeting(validate(BookingRef, args, kwargs).booking_id)
+    return booking.cancel_meeting(validate(BookingRef, args, kwargs).booking_id)
 
 
 @app.task(name="rooms.get_meeting", typing=False, throws=(InvalidRequest,))
 def get_meeting(*args: Any, **kwargs: Any) -> dict[str, Any]:
-    return service.get_meeting(validate(BookingRef, args, kwargs).booking_id)
+    return booking.get_meeting(validate(BookingRef, args, kwargs).booking_id)

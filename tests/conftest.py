@@ -32,8 +32,7 @@ POSTGRES_SERVER = os.environ.get("ROOMKEEPER_TEST_POSTGRES_URL", "postgresql://p
 POSTGRES_SCHEMA = f"roomkeeper_test_{os.getpid()}"
 POSTGRES_URL = f"{POSTGRES_SERVER}?options=-csearch_path%3D{POSTGRES_SCHEMA}"
 
-from config.settings import reset_settings  # noqa: E402
-from worker import budget, service, store  # noqa: E402
+from worker import budget, runtime, store  # noqa: E402
 from worker.app import app  # noqa: E402
 from worker.sandbox import SandboxAdmin, SandboxConfig, SandboxServer  # noqa: E402
 
@@ -56,10 +55,7 @@ def apply_settings(**env: str | None) -> None:
             os.environ.pop(name, None)
         else:
             os.environ[name] = value
-    reset_settings()
-    store.dispose_engines()
-    service.reset_client()
-    budget.reset_budget()
+    runtime.reset()
 
 
 def clear_budget() -> None:

@@ -12,7 +12,7 @@ from click.testing import Result
 from sqlmodel import select
 from typer.testing import CliRunner
 
-from worker import service
+from worker import booking
 from worker.app import app
 from worker.cli import cli
 from worker.models import History, Meeting, MeetingState, Room, RoomState, utcnow
@@ -206,10 +206,10 @@ def test_retry_puts_a_failed_meeting_back_to_be_tried_afresh(sent: list[tuple[st
     assert over.state == MeetingState.FAILED
     assert over.last_error == GAVE_UP
     assert ("note", "not retried: the meeting is over") in [
-        (h.kind, h.action) for h in service.history("too-late")
+        (h.kind, h.action) for h in booking.history("too-late")
     ]
     assert ("state", "failed -> scheduled", "retried by an operator") in [
-        (h.kind, h.action, h.outcome) for h in service.history("retry-me")
+        (h.kind, h.action, h.outcome) for h in booking.history("retry-me")
     ]
 
 

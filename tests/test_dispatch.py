@@ -15,7 +15,7 @@ from sqlalchemy import update
 from sqlmodel import col, select
 
 from tests.conftest import apply_settings
-from worker import service
+from worker import claims, creation, deletion, dispatch, outbox
 from worker.app import app
 from worker.models import Meeting, MeetingState, Outbox, Room, RoomState, utcnow
 from worker.sandbox import SandboxAdmin
@@ -87,7 +87,7 @@ def test_two_dispatchers_at_once_send_each_due_meeting_once(sent: list[Sent]) ->
 
     def dispatch() -> dict[str, int]:
         barrier.wait()
-        return service.dispatch_due()
+        return dispatch.dispatch_due()
 
     before = utcnow()
     with ThreadPoolExecutor(2) as pool:
@@ -106,14 +106,14 @@ def test_two_dispatchers_at_once_send_each_due_meeting_once(sent: list[Sent]) ->
     assert all(claims[s.kwargs["meeting_pk"]] == s.kwargs["claim"] for s in sent)
 
     sent.clear()
-    assert service.dispatch_due() == {"create": 0, "delete": 0}  # claimed: not sent again
+    assert dispatch.dispatch_due() == {"create": 0, "delete": 0}  # claimed: not sent again
     assert sent == []
 
     # A dispatched message that no worker ever took (lost with a dead broker, say): once the
     # claim lapses, the next dispatch sends the work again.
     with session_scope() as session:
         session.execute(update(Meeting).values(claim_until=utcnow() - timedelta(seconds=1)))
-    assert service.dispatch_due() == {"create": 50, "delete": 0}
+    assert dispatch.dispatch_due() == {"create": 50, "delete": 0}
     assert sorted(creations(sent)) == sorted(pks)
 
 
@@ -147,7 +147,7 @@ def test_only_work_due_before_the_next_tick_is_sent_with_an_eta_at_its_instant(s
             assert row is not None
             due_instants[pk] = row.due_at
 
-    assert service.dispatch_due() == {"create": 1, "delete": 1}
+    assert dispatch.dispatch_due() == {"create": 1, "delete": 1}
 
     by_task = {s.task: s for s in sent}
     assert set(by_task) == {"rooms.create_room", "rooms.delete_room"}
@@ -166,7 +166,7 @@ def test_dispatch_cost_follows_the_due_rows_not_the_stored_ones(sent: list[Sent]
     store_meetings("far", 2000, due_in=30 * 24 * 3600)
     due = store_meetings("due", 5, due_in=-1)
 
-    assert service.dispatch_due() == {"create": 5, "delete": 0}
+    assert dispatch.dispatch_due() == {"create": 5, "delete": 0}
 
     assert sorted(creations(sent)) == sorted(due)
 
@@ -174,7 +174,7 @@ def test_dispatch_cost_follows_the_due_rows_not_the_stored_ones(sent: list[Sent]
 def test_more_due_work_than_one_batch_is_all_sent_once(sent: list[Sent]) -> None:
     due = store_meetings("batch", 5, due_in=-1)
 
-    assert service.dispatch_due(limit=2) == {"create": 5, "delete": 0}
+    assert dispatch.dispatch_due(limit=2) == {"create": 5, "delete": 0}
 
     assert Counter(creations(sent)) == Counter(due)
 
@@ -205,12 +205,12 @@ def test_a_failed_deletion_is_sent_again_at_its_retry_instant_not_at_the_next_ti
         session.flush()
         room_pk = room.id
         assert room_pk is not None
-    assert service.dispatch_due(room_ids={room_pk}) == {"create": 0, "delete": 1}
+    assert dispatch.dispatch_due(room_ids={room_pk}) == {"create": 0, "delete": 1}
     (first,) = sent
     sent.clear()
 
     sandbox.script({"method": "DELETE", "action": "rate_limit", "retry_after": 2})
-    service.delete_room(room_pk, first.kwargs["claim"])
+    deletion.delete_room(room_pk, first.kwargs["claim"])
 
     # Sent again right after the failure, with its ETA at the retry instant (Retry-After), not
     # left in the store for a dispatcher tick up to a minute away.
@@ -245,7 +245,7 @@ def test_events_committed_while_another_thread_flushes_are_all_sent_once(
                     kwargs={"n": i},
                 )
             )
-        returned.append(service.flush_outbox())
+        returned.append(outbox.flush_outbox())
 
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(commit_an_event_and_flush, range(200)))
@@ -266,17 +266,17 @@ def test_a_claim_is_renewed_while_its_whereby_call_is_slow(sandbox: SandboxAdmin
     try:
         (pk,) = store_meetings("renew", 1, due_in=-1)
         with session_scope() as session:
-            claimed = service._claim_due(session, Meeting, utcnow(), utcnow(), {pk}, 10, timedelta(seconds=1))
+            claimed = dispatch.claim_due(session, Meeting, utcnow(), utcnow(), {pk}, 10, timedelta(seconds=1))
         sandbox.set_faults(latency_ms=2500)
         with ThreadPoolExecutor(1) as pool:
-            outcome = pool.submit(service.create_room, pk, claimed[0][2])
+            outcome = pool.submit(creation.create_room, pk, claimed[0].claim)
             time.sleep(2.0)  # two leases after the claim was taken
             with session_scope() as session:
                 meeting = session.get(Meeting, pk)
                 assert meeting is not None and meeting.claim_token is not None
-                assert meeting.claim_token.startswith(service.RUN_CLAIM)
+                assert meeting.claim_token.startswith(claims.RUN_CLAIM)
                 assert meeting.claim_until is not None and meeting.claim_until > utcnow()
-            assert service.dispatch_due(overdue_only=True)["create"] == 0
+            assert dispatch.dispatch_due(overdue_only=True)["create"] == 0
             assert outcome.result(timeout=10).startswith("room.ready")
     finally:
         sandbox.set_faults(latency_ms=0)
@@ -289,15 +289,15 @@ def test_a_late_finisher_leaving_does_not_stop_the_renewal_of_the_run_that_took_
     apply_settings(ROOMKEEPER_CLAIM_LEASE_SECONDS="1")
     try:
         (pk,) = store_meetings("late", 1, due_in=3600)
-        current = service.RUN_CLAIM + "current"
+        current = claims.RUN_CLAIM + "current"
         with session_scope() as session:
             session.execute(
                 update(Meeting)
                 .where(col(Meeting.id) == pk)
                 .values(claim_token=current, claim_until=utcnow() + timedelta(seconds=1))
             )
-        with service._renewer.holding(Meeting, pk, current):
-            with service._renewer.holding(Meeting, pk, service.RUN_CLAIM + "lapsed"):
+        with claims.renewer.holding(Meeting, pk, current):
+            with claims.renewer.holding(Meeting, pk, claims.RUN_CLAIM + "lapsed"):
                 pass  # the late finisher is done
             time.sleep(2.0)  # two leases
             with session_scope() as session:

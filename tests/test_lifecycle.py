@@ -312,7 +312,7 @@ def test_sustained_failure_ends_failed_with_event(sandbox: SandboxAdmin, events:
 def test_same_create_delivered_twice_makes_one_room(sandbox: SandboxAdmin) -> None:
     from sqlmodel import select
 
-    from worker import service
+    from worker import dispatch
     from worker.app import app
     from worker.models import Meeting
     from worker.store import session_scope
@@ -322,11 +322,13 @@ def test_same_create_delivered_twice_makes_one_room(sandbox: SandboxAdmin) -> No
         meeting = session.exec(select(Meeting).where(Meeting.booking_id == "twice-1")).one()
         meeting.due_at = soon(0)
         session.flush()
-        ((pk, _due, claim),) = service._claim_due(
+        (claimed,) = dispatch.claim_due(
             session, Meeting, soon(0), soon(1), {meeting.id}, 10, timedelta(seconds=60)
         )
     results = [
-        app.send_task("rooms.create_room", kwargs={"meeting_pk": pk, "claim": claim}, queue="rooms")
+        app.send_task(
+            "rooms.create_room", kwargs={"meeting_pk": claimed.pk, "claim": claimed.claim}, queue="rooms"
+        )
         for _ in range(2)
     ]
     outcomes = sorted(r.get(timeout=15) for r in results)

@@ -22,7 +22,7 @@ from tests.conftest import (
     soon,
     wait_for,
 )
-from worker import service
+from worker import booking, reconcile
 from worker.budget import get_budget
 from worker.models import Meeting, Room, RoomState, utcnow
 from worker.sandbox import SandboxAdmin, SandboxServer
@@ -100,7 +100,7 @@ def at_most_one_live(sandbox: SandboxAdmin, booking_id: str) -> None:
 
 
 def actions(booking_id: str) -> list[tuple[str, str, str]]:
-    return [(h.kind, h.action, h.outcome) for h in service.history(booking_id)]
+    return [(h.kind, h.action, h.outcome) for h in booking.history(booking_id)]
 
 
 def posts(sandbox: SandboxAdmin) -> list[dict[str, Any]]:
@@ -146,7 +146,7 @@ def test_room_deleted_out_of_band_before_the_end_is_replaced(
     old = ready_view("vanish-1")["room"]
     sandbox.delete_out_of_band(old["meeting_id"])
 
-    counts = service.reconcile()
+    counts = reconcile.reconcile()
     assert counts == {**NOTHING, "lost_rooms": 1}
 
     def replaced() -> dict[str, Any] | None:
@@ -175,7 +175,7 @@ def test_room_deleted_out_of_band_before_the_end_is_replaced(
     assert ("event", "room.replaced", "") in history
 
     # The repaired meeting is in step now: a second pass finds nothing to do.
-    assert service.reconcile() == {**NOTHING, "listed": 1}
+    assert reconcile.reconcile() == {**NOTHING, "listed": 1}
 
     # And its new room is looked after like any other: deleted at the meeting's end.
     end_soon("vanish-1", 1.5, events)
@@ -198,7 +198,7 @@ def test_room_deleted_out_of_band_after_the_end_ends_the_meeting(
         meeting.start = now - timedelta(seconds=30)
         meeting.end = meeting.room_end = now - timedelta(seconds=1)
 
-    assert service.reconcile() == {**NOTHING, "lost_rooms": 1}
+    assert reconcile.reconcile() == {**NOTHING, "lost_rooms": 1}
 
     view = get("vanish-2")
     assert view["state"] == "ended"
@@ -222,7 +222,7 @@ def test_orphan_with_our_prefix_is_deleted_and_other_apps_rooms_are_not(
     orphan = make_room_behind_our_back(sandbox_server, "rk-zzzzzzzz-")
     other = make_room_behind_our_back(sandbox_server, "otherapp-")
 
-    counts = service.reconcile()
+    counts = reconcile.reconcile()
 
     assert counts == {**NOTHING, "listed": 2, "orphans_deleted": 1}
     by_id = {r["meeting_id"]: r for r in sandbox.rooms()}
@@ -234,7 +234,7 @@ def test_orphan_with_our_prefix_is_deleted_and_other_apps_rooms_are_not(
     assert [c["meeting_id"] for c in deletes] == [orphan["meetingId"]]
 
     # Nothing is left to repair, and the other application's room still stands.
-    assert service.reconcile() == {**NOTHING, "listed": 1}
+    assert reconcile.reconcile() == {**NOTHING, "listed": 1}
     assert live_on_sandbox(sandbox, other["meetingId"])
 
 
@@ -245,11 +245,11 @@ def test_a_room_made_moments_ago_is_left_alone_until_the_grace_passes(
     grace("1")
     orphan = make_room_behind_our_back(sandbox_server, "rk-zzzzzzzz-")
 
-    assert service.reconcile() == {**NOTHING, "listed": 1}
+    assert reconcile.reconcile() == {**NOTHING, "listed": 1}
     assert live_on_sandbox(sandbox, orphan["meetingId"])
 
     time.sleep(1.2)
-    assert service.reconcile() == {**NOTHING, "listed": 1, "orphans_deleted": 1}
+    assert reconcile.reconcile() == {**NOTHING, "listed": 1, "orphans_deleted": 1}
     assert not live_on_sandbox(sandbox, orphan["meetingId"])
 
 
@@ -291,7 +291,7 @@ def test_room_made_by_a_lost_reply_is_adopted_not_duplicated(
     assert meeting.claim_until is None  # the failed attempt released its claim
     assert meeting.due_at is not None and meeting.due_at > utcnow() + timedelta(seconds=10)
 
-    assert service.reconcile() == {**NOTHING, "listed": 1, "adopted": 1}
+    assert reconcile.reconcile() == {**NOTHING, "listed": 1, "adopted": 1}
 
     view = get("lost-2")
     assert view["state"] == "ready"
@@ -306,7 +306,7 @@ def test_room_made_by_a_lost_reply_is_adopted_not_duplicated(
         f"reconciler adopted room {made['meeting_id']}",
     ) in actions("lost-2")
     assert len(posts(sandbox)) == 1
-    assert service.reconcile() == {**NOTHING, "listed": 1}
+    assert reconcile.reconcile() == {**NOTHING, "listed": 1}
 
     # The adopted room is the meeting's room from now on: deleted at its end, and never a second one.
     end_soon("lost-2", 1.5, events)
@@ -333,7 +333,7 @@ def test_room_of_an_attempt_still_running_is_left_to_that_attempt(
     made = lose_the_reply(sandbox, "lost-3")
     _claim_the_pending_attempt("lost-3")
 
-    counts = service.reconcile()
+    counts = reconcile.reconcile()
 
     assert counts["orphans_deleted"] == 0
     assert counts["lost_rooms"] == 0
@@ -351,7 +351,7 @@ def test_room_left_to_a_running_attempt_is_not_counted_as_adopted(
     lose_the_reply(sandbox, "lost-4")
     _claim_the_pending_attempt("lost-4")
 
-    counts = service.reconcile()
+    counts = reconcile.reconcile()
 
     assert get("lost-4")["state"] == "creating"
     assert counts == {**NOTHING, "listed": 1}
@@ -367,14 +367,14 @@ def test_reconcile_calls_whereby_only_within_the_shared_budget(
         get_budget().acquire("GET", 8)  # what other workers spent: all that reads may use
         seen = len(sandbox.calls())
 
-        assert service.reconcile() == NOTHING  # no error: it tries again next time
+        assert reconcile.reconcile() == NOTHING  # no error: it tries again next time
 
         assert sandbox.calls()[seen:] == []
         assert live_on_sandbox(sandbox, orphan["meetingId"])
 
         # Once the budget has room again, the same pass does its work, and pays for it.
         clear_budget()
-        assert service.reconcile() == {**NOTHING, "listed": 1, "orphans_deleted": 1}
+        assert reconcile.reconcile() == {**NOTHING, "listed": 1, "orphans_deleted": 1}
         assert not live_on_sandbox(sandbox, orphan["meetingId"])
         assert get_budget().spent() == 1 + 2  # one list page, one deletion
     finally:
@@ -388,7 +388,7 @@ def test_adoption_shows_in_the_views_updated_at(sandbox: SandboxAdmin, grace: Ca
     before = get("lost-5")["updated_at"]
     reconciled_at = utcnow()
 
-    assert service.reconcile()["adopted"] == 1
+    assert reconcile.reconcile()["adopted"] == 1
 
     view = get("lost-5")
     assert view["state"] == "ready"
@@ -407,7 +407,7 @@ def test_cancelled_meetings_room_found_gone_is_reported_deleted(
     wait_for(lambda: any(c["method"] == "DELETE" for c in sandbox.calls()))
     sandbox.delete_out_of_band(room["meeting_id"])
 
-    assert service.reconcile() == {**NOTHING, "lost_rooms": 1}
+    assert reconcile.reconcile() == {**NOTHING, "lost_rooms": 1}
 
     assert get("gone-after-cancel")["state"] == "cancelled"
     assert wait_for(lambda: events.names() == ["room.ready", "room.deleted"], timeout=3)

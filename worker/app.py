@@ -10,6 +10,7 @@ from celery.signals import beat_init, worker_process_init, worker_ready
 
 from config.celery import celery_config
 from config.settings import get_settings
+from worker import runtime
 
 app = Celery("roomkeeper", include=["tasks.meetings", "tasks.rooms", "tasks.scheduled"])
 app.config_from_object(celery_config(get_settings()))
@@ -17,11 +18,8 @@ app.config_from_object(celery_config(get_settings()))
 
 @worker_process_init.connect
 def _fresh_connections(**_: Any) -> None:
-    # A forked pool child must not reuse the parent's database or HTTP connections.
-    from worker import service, store
-
-    store.dispose_engines()
-    service.reset_client()
+    # A forked pool child must not reuse the parent's connections, threads or locks.
+    runtime.reset(settings=False)
 
 
 @beat_init.connect

@@ -16,6 +16,7 @@ from rich.table import Table
 from rich.text import Text
 
 from config.settings import SettingsError, get_settings, reset_settings, whereby_unconfigured
+from worker.lifecycle import fmt
 from worker.models import MeetingState
 
 cli = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
@@ -154,16 +155,16 @@ def cancel(booking_id: str, wait: Annotated[float, typer.Option()] = 30.0) -> No
 @cli.command()
 def show(booking_id: str) -> None:
     """A meeting's view and its whole history: every state change and every Whereby call."""
-    from worker import service
+    from worker import booking
 
     try:
-        console.print_json(data=service.get_meeting(booking_id))
-    except service.UnknownBooking as exc:
+        console.print_json(data=booking.get_meeting(booking_id))
+    except booking.UnknownBooking as exc:
         console.print(f"[red]{escape(str(exc))}[/red]")
         raise typer.Exit(1) from None
     table = Table("at", "kind", "what", "outcome", title=f"history of {escape(booking_id)}")
-    for entry in service.history(booking_id):
-        table.add_row(*_cells(service.fmt(entry.at), entry.kind, entry.action, entry.outcome))
+    for entry in booking.history(booking_id):
+        table.add_row(*_cells(fmt(entry.at), entry.kind, entry.action, entry.outcome))
     console.print(table)
 
 
@@ -173,10 +174,10 @@ def list_(
     limit: Annotated[int, typer.Option()] = 200,
 ) -> None:
     """A table of meetings, soonest first."""
-    from worker import service
+    from worker import booking
 
     table = Table("booking_id", "state", "start", "end", "room", "last_error")
-    for item in service.list_meetings(state, limit):
+    for item in booking.list_meetings(state, limit):
         room = item["room"]["room_url"] if item["room"] else ""
         table.add_row(
             *_cells(item["booking_id"], item["state"], item["start"], item["end"], room, item["last_error"])
@@ -187,9 +188,9 @@ def list_(
 @cli.command()
 def failed(limit: Annotated[int, typer.Option()] = 200) -> None:
     """Meetings the service gave up on, with the reason."""
-    from worker import service
+    from worker import booking
 
-    rows = service.list_meetings(MeetingState.FAILED, limit)
+    rows = booking.list_meetings(MeetingState.FAILED, limit)
     table = Table("booking_id", "start", "end", "last_error", title=f"{len(rows)} failed meeting(s)")
     for item in rows:
         table.add_row(*_cells(item["booking_id"], item["start"], item["end"], item["last_error"]))
@@ -202,12 +203,12 @@ def retry(
     all_: Annotated[bool, typer.Option("--all", help="retry every failed meeting")] = False,
 ) -> None:
     """Put failed meetings back to be tried afresh (meetings already over are left as they are)."""
-    from worker import service
+    from worker import booking
 
     if not booking_ids and not all_:
         console.print("name the booking ids to retry, or pass --all")
         raise typer.Exit(2)
-    retried = service.retry_failed(None if all_ else booking_ids)
+    retried = booking.retry_failed(None if all_ else booking_ids)
     console.print(f"retried {len(retried)}: {escape(', '.join(retried)) or '-'}")
 
 

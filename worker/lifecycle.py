@@ -35,11 +35,6 @@ def new_tag() -> str:
     return "".join(secrets.choice(_TAG_ALPHABET) for _ in range(TAG_LENGTH))
 
 
-def room_name_prefix(service_prefix: str, tag: str, caller_prefix: str | None) -> str:
-    """The service's tag first, so one startsWith filter finds all of its rooms, or one attempt's."""
-    return f"{service_prefix}-{tag}-{caller_prefix or ''}"
-
-
 def backoff_seconds(attempt: int, base: float, cap: float, rng: random.Random | None = None) -> float:
     """Exponential backoff with jitter: between half and all of min(cap, base * 2**(attempt-1))."""
     # The exponent is bounded first: deletions retry without end, and 2.0**1100 overflows.
@@ -115,3 +110,15 @@ def after_delete_error(error: Exception, attempts: int, now: datetime, settings:
 
 # Whereby removes a room by itself within this long after its endDate.
 WHEREBY_SELF_DELETE = timedelta(hours=24)
+
+
+def expired(room_end_date: datetime, now: datetime) -> bool:
+    """Past Whereby's own clean-up there is nothing left to delete."""
+    return now > room_end_date + WHEREBY_SELF_DELETE
+
+
+def fmt(value: datetime | None) -> str | None:
+    """An instant as the contract writes it: UTC, ISO-8601, with a Z."""
+    if value is None:
+        return None
+    return value.isoformat(timespec="milliseconds" if value.microsecond else "seconds").replace("+00:00", "Z")

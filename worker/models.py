@@ -75,7 +75,6 @@ class Meeting(SQLModel, table=True):
     # by a range scan over this column, so its cost follows the due rows, not the stored ones).
     due_at: datetime | None = _ts(index=True)
     attempts: int = 0
-    next_attempt_at: datetime | None = _ts()
     replacing: bool = False
     claim_token: str | None = Field(default=None, sa_column=Column(String(36), nullable=True))
     claim_until: datetime | None = _ts()
@@ -102,7 +101,6 @@ class Room(SQLModel, table=True):
     due_at: datetime | None = _ts(index=True)
     retired_reason: str | None = Field(default=None, sa_column=Column(String(32)))
     attempts: int = 0
-    next_attempt_at: datetime | None = _ts()
     claim_token: str | None = Field(default=None, sa_column=Column(String(36), nullable=True))
     claim_until: datetime | None = _ts()
     last_error: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
@@ -155,3 +153,15 @@ class Outbox(SQLModel, table=True):
     sent_at: datetime | None = _ts()
     pending: bool = True
     claim_until: datetime | None = _ts()
+
+
+class Deployment(SQLModel, table=True):
+    """One row: this deployment's identity, made once by `roomkeeper migrate` and carried in the
+    name of every room it makes, so deployments sharing a Whereby organisation never touch each
+    other's rooms."""
+
+    __tablename__ = "deployment"
+
+    id: int | None = Field(default=None, primary_key=True)
+    identity: str = Field(sa_column=Column(String(16), nullable=False))
+    created_at: datetime = _ts(nullable=False)

@@ -1,0 +1,115 @@
+"""What happened, written down: history lines, the meeting view, and events queued in the outbox."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import event, insert
+from sqlalchemy.orm import Session as OrmSession
+from sqlmodel import Session
+
+from worker import whereby
+from worker.lifecycle import fmt
+from worker.models import History, Meeting, Outbox, Room, RoomState, utcnow
+
+log = logging.getLogger(__name__)
+
+# History and outbox rows are only ever appended. A transaction gathers them and writes each
+# table's rows in one INSERT just before it commits, instead of one ORM object apiece: the unit of
+# work's bookkeeping was the largest CPU cost of a room creation.
+APPENDED = "roomkeeper.appended"  # session.info key: {model: [row, ...]} to insert at commit
+
+
+def _append(session: Session, model: type[History] | type[Outbox], row: dict[str, Any]) -> None:
+    session.info.setdefault(APPENDED, {}).setdefault(model, []).append(row)
+
+
+@event.listens_for(OrmSession, "before_commit")
+def _insert_appended(session: OrmSession) -> None:
+    appended = session.info.pop(APPENDED, None)
+    if appended:
+        connection = session.connection()
+        for model, rows in appended.items():
+            connection.execute(insert(model), rows)
+
+
+def note(session: Session, booking_id: str, kind: str, action: str, outcome: str = "") -> None:
+    _append(
+        session,
+        History,
+        {"at": utcnow(), "booking_id": booking_id, "kind": kind, "action": action[:120], "outcome": outcome},
+    )
+
+
+def note_state(session: Session, booking_id: str, was: str, state: str, why: str) -> None:
+    note(session, booking_id, "state", f"{was} -> {state}", why)
+    log.info("booking %s: %s -> %s %s", booking_id, was, state, why)
+
+
+def record_calls(session: Session, booking_id: str, calls: Iterable[whereby.CallRecord]) -> None:
+    for call in calls:
+        outcome = str(call.status) if call.status is not None else (call.error or "error")
+        target = f" {call.meeting_id}" if call.meeting_id else ""
+        note(
+            session,
+            booking_id,
+            "whereby",
+            f"{call.method} {call.path}{target}",
+            f"{outcome} in {call.elapsed:.3f}s",
+        )
+
+
+def view(meeting: Meeting, room: Room | None) -> dict[str, Any]:
+    """The meeting view of CONTRACT §2.4."""
+    room_view = None
+    if room is not None and room.state == RoomState.LIVE:
+        room_view = {
+            "meeting_id": room.whereby_id,
+            "room_name": room.room_name,
+            "room_url": room.room_url,
+            "host_room_url": room.host_room_url,
+            "viewer_room_url": room.viewer_room_url,
+            "end_date": fmt(room.end_date),
+        }
+    return {
+        "booking_id": meeting.booking_id,
+        "state": meeting.state,
+        "start": fmt(meeting.start),
+        "end": fmt(meeting.end),
+        "room": room_view,
+        "metadata": meeting.meta,
+        "last_error": meeting.last_error,
+        "created_at": fmt(meeting.created_at),
+        "updated_at": fmt(meeting.updated_at),
+    }
+
+
+def emit(session: Session, meeting: Meeting, room: Room | None, event: str, now: datetime) -> bool:
+    """Queue an event for the caller's notify task; it leaves only once this transaction commits.
+
+    Returns whether an outbox row was queued (so the commit should be followed by a flush)."""
+    note(session, meeting.booking_id, "event", event)
+    if not meeting.notify:
+        return False
+    kwargs = {
+        "event": event,
+        "booking_id": meeting.booking_id,
+        "meeting": view(meeting, room),
+        "occurred_at": fmt(now),
+    }
+    _append(
+        session,
+        Outbox,
+        {
+            "created_at": now,
+            "booking_id": meeting.booking_id,
+            "task": meeting.notify["task"],
+            "queue": meeting.notify["queue"],
+            "kwargs": kwargs,
+            "pending": True,
+        },
+    )
+    return True
