@@ -310,7 +310,6 @@ def phase_budget(args: argparse.Namespace, rng: random.Random) -> dict[str, Any]
             "ROOMKEEPER_CREATE_LEAD_SECONDS": str(lead),
             "ROOMKEEPER_API_POINTS_PER_MINUTE": str(budget),
             "ROOMKEEPER_RECONCILE_INTERVAL_SECONDS": "60",
-            "ROOMKEEPER_RECONCILE_GRACE_SECONDS": "30",
         },
     )
     try:

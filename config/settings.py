@@ -44,7 +44,6 @@ class Settings(BaseSettings):
     retry_base_seconds: float = Field(default=2.0, gt=0)
     retry_max_seconds: float = Field(default=300.0, gt=0)
     task_time_limit_seconds: int = Field(default=60, ge=1)
-    reconcile_grace_seconds: float = Field(default=120, ge=0)
     # A running task renews its claim every third of this; a dead one loses it this long after.
     # A dispatched item not started by this long past the dispatch window is sent again.
     claim_lease_seconds: float = Field(default=4, ge=1, le=600)

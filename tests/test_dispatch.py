@@ -16,6 +16,7 @@ from sqlmodel import col, select
 
 from tests.conftest import apply_settings
 from worker import claims, creation, deletion, dispatch, outbox
+from worker.errors import WherebyCallFailed
 from worker.app import app
 from worker.models import Meeting, MeetingState, Outbox, Room, RoomState, utcnow
 from worker.sandbox import SandboxAdmin
@@ -85,13 +86,13 @@ def test_two_dispatchers_at_once_send_each_due_meeting_once(sent: list[Sent]) ->
     pks = store_meetings("due", 50, due_in=-60)
     barrier = threading.Barrier(2)
 
-    def dispatch() -> dict[str, int]:
+    def dispatcher() -> dict[str, int]:
         barrier.wait()
         return dispatch.dispatch_due()
 
     before = utcnow()
     with ThreadPoolExecutor(2) as pool:
-        results = [f.result() for f in [pool.submit(dispatch), pool.submit(dispatch)]]
+        results = [f.result() for f in [pool.submit(dispatcher), pool.submit(dispatcher)]]
     after = utcnow()
 
     assert len(sent) == 50
@@ -210,7 +211,9 @@ def test_a_failed_deletion_is_sent_again_at_its_retry_instant_not_at_the_next_ti
     sent.clear()
 
     sandbox.script({"method": "DELETE", "action": "rate_limit", "retry_after": 2})
-    deletion.delete_room(room_pk, first.kwargs["claim"])
+    # The task fails (FAILURE in Flower, with its booking and reason) once the retry is stored.
+    with pytest.raises(WherebyCallFailed, match=r"booking deleting-0: RateLimitedError: .* 429"):
+        deletion.delete_room(room_pk, first.kwargs["claim"])
 
     # Sent again right after the failure, with its ETA at the retry instant (Retry-After), not
     # left in the store for a dispatcher tick up to a minute away.

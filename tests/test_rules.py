@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from config.settings import Settings
-from worker import lifecycle, whereby
+from worker import deployment, lifecycle, whereby
 from worker.lifecycle import GiveUp, Retry
 from worker.requests import InvalidRequest, ScheduleRequest, validate
 
@@ -103,18 +103,37 @@ def test_new_tag_varies() -> None:
     assert len(tags) == 100
 
 
-def test_room_name_prefix_puts_the_service_prefix_and_tag_first() -> None:
-    name = lifecycle.room_name_prefix("rk", "a1b2c3d4", "clinic-7")
-    assert name == "rk-a1b2c3d4-clinic-7"
-    assert lifecycle.room_name_prefix("rk", "a1b2c3d4", None).startswith("rk-a1b2c3d4-")
-    assert lifecycle.room_name_prefix("rk", "a1b2c3d4", "") == "rk-a1b2c3d4-"
+def test_room_name_prefix_puts_the_service_prefix_identity_and_tag_first() -> None:
+    name = deployment.room_name_prefix("rk", "k3p9x", "a1b2c3d4", "clinic-7")
+    assert name == "rk-k3p9x-a1b2c3d4-clinic-7"
+    assert deployment.room_name_prefix("rk", "k3p9x", "a1b2c3d4", None).startswith("rk-k3p9x-a1b2c3d4-")
+    assert deployment.room_name_prefix("rk", "k3p9x", "a1b2c3d4", "") == "rk-k3p9x-a1b2c3d4-"
+
+
+@pytest.mark.parametrize(
+    ("room_name", "expected"),
+    [
+        ("/rk-k3p9x-a1b2c3d4-clinic-7-0f3a", deployment.RoomName("k3p9x", "a1b2c3d4")),
+        ("/rk-k3p9x-a1b2c3d4-", deployment.RoomName("k3p9x", "a1b2c3d4")),
+        # Named before deployments had identities: the tag only.
+        ("/rk-a1b2c3d4-clinic-7-0f3a", deployment.RoomName(None, "a1b2c3d4")),
+        ("/rk-a1b2c3d4-b5b5b-0f3a", deployment.RoomName(None, "a1b2c3d4")),
+        ("/other-k3p9x-a1b2c3d4-", None),
+        ("/rk-short-x", None),
+        ("/rkk3p9x-a1b2c3d4-", None),
+    ],
+)
+def test_room_names_are_read_back_into_identity_and_tag(
+    room_name: str, expected: deployment.RoomName | None
+) -> None:
+    assert deployment.parse(room_name, "rk") == expected
 
 
 @pytest.mark.parametrize("service_prefix", ["rk", "r", "clinic12", "abcdefgh"])
 def test_room_name_prefix_fits_whereby_for_the_longest_caller_prefix(service_prefix: str) -> None:
     settings = make_settings(room_prefix=service_prefix)
     longest = "c" * settings.caller_prefix_max
-    name = lifecycle.room_name_prefix(settings.room_prefix, lifecycle.new_tag(), longest)
+    name = deployment.room_name_prefix(settings.room_prefix, "k3p9x", lifecycle.new_tag(), longest)
     assert len(name) <= WHEREBY_NAME_LIMIT
     assert re.fullmatch(r"[a-z0-9-]{0,39}", name)
     assert name.startswith(f"{service_prefix}-")
@@ -125,7 +144,7 @@ def test_caller_prefix_max_is_what_the_request_validation_enforces() -> None:
     # The longest prefix a caller may send, tagged by the service, still fits in 39 characters;
     # one character more is refused before anything reaches Whereby.
     settings = make_settings()
-    assert settings.caller_prefix_max == 27
+    assert settings.caller_prefix_max == 21
     kwargs = {"booking_id": "b", "start": "2096-01-01T10:00:00Z", "end": "2096-01-01T11:00:00Z"}
     longest = "p" * settings.caller_prefix_max
     request = validate(
@@ -134,8 +153,8 @@ def test_caller_prefix_max_is_what_the_request_validation_enforces() -> None:
         {**kwargs, "room": {"room_name_prefix": longest}},
         caller_prefix_max=settings.caller_prefix_max,
     )
-    name = lifecycle.room_name_prefix(
-        settings.room_prefix, lifecycle.new_tag(), request.room.room_name_prefix
+    name = deployment.room_name_prefix(
+        settings.room_prefix, "k3p9x", lifecycle.new_tag(), request.room.room_name_prefix
     )
     assert len(name) == WHEREBY_NAME_LIMIT
     with pytest.raises(InvalidRequest, match="room_name_prefix"):

@@ -59,6 +59,7 @@ def _start(meeting_pk: int, claim: str, settings: Settings) -> Attempt | str:
     The common case (due, wanted, not over) is plain SQL: this transaction runs once for every
     room made, and the ORM's unit of work cost more CPU than the Whereby call itself."""
     now = utcnow()
+    identity = deployment.identity()  # read before this transaction opens: it reads the store too
     after = AfterCommit()
     with session_scope() as session:
         claimed = claims.take(
@@ -91,7 +92,7 @@ def _start(meeting_pk: int, claim: str, settings: Settings) -> Attempt | str:
         change = rules.creation_due(facts, now)
         result: Attempt | str = change.outcome
         if change.act:
-            result = _record_attempt(session, meeting_pk, claimed, change, now, settings)
+            result = _record_attempt(session, meeting_pk, claimed, change, now, identity, settings)
         elif change.state is None:  # skipped: just let go of the meeting
             session.execute(update(Meeting).where(col(Meeting.id) == meeting_pk).values(**change.meeting))
         else:  # over before its room could be made: the rare path, through the ORM
@@ -108,6 +109,7 @@ def _record_attempt(
     claimed: Row[Any],
     change: rules.Change,
     now: datetime,
+    identity: str,
     settings: Settings,
 ) -> Attempt:
     pending = session.execute(
