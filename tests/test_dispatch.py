@@ -16,8 +16,8 @@ from sqlmodel import col, select
 
 from tests.conftest import apply_settings
 from worker import claims, creation, deletion, dispatch, outbox
-from worker.errors import WherebyCallFailed
 from worker.app import app
+from worker.errors import WherebyCallFailed
 from worker.models import Meeting, MeetingState, Outbox, Room, RoomState, utcnow
 from worker.sandbox import SandboxAdmin
 from worker.store import session_scope

@@ -74,7 +74,9 @@ def _schedule(request: ScheduleRequest) -> dict[str, Any]:
         action = "booked" if meeting is None else "rescheduled"
         if meeting is None:
             change = rules.booked(create_at)
-            meeting = Meeting(booking_id=request.booking_id, state=MeetingState.SCHEDULED, created_at=now, **fields)
+            meeting = Meeting(
+                booking_id=request.booking_id, state=MeetingState.SCHEDULED, created_at=now, **fields
+            )
             session.add(meeting)
             log.info("booking %s: scheduled, room due at %s", meeting.booking_id, fmt(create_at))
         else:
