@@ -9,38 +9,50 @@ room to the attempt that made it. Rooms made before identities existed are named
 
 from __future__ import annotations
 
+import secrets
+import string
 import threading
 from dataclasses import dataclass
 
+from sqlalchemy.exc import IntegrityError
 from sqlmodel import select
 
 from worker import runtime
 from worker.lifecycle import TAG_LENGTH
-from worker.models import Deployment
+from worker.models import Deployment, utcnow
 from worker.store import session_scope
 
+_ALPHABET = string.ascii_lowercase + string.digits
 IDENTITY_LENGTH = 5  # 36**5: two deployments of one organisation share one with odds of 1 in 60 million
 
 _identity: str | None = None
 _lock = threading.Lock()
 
 
-class NotMigrated(RuntimeError):
-    """The database has no deployment identity yet."""
-
-
 def identity() -> str:
+    """This deployment's identity: made by `roomkeeper migrate`, or on first use if it was removed."""
     global _identity
     with _lock:
         if _identity is None:
-            with session_scope() as session:
-                row = session.execute(
-                    select(Deployment.identity).where(Deployment.id == 1)
-                ).scalar_one_or_none()
-            if row is None:
-                raise NotMigrated("the database has no deployment identity: run `roomkeeper migrate`")
-            _identity = row
+            _identity = _read() or _make()
         return _identity
+
+
+def _read() -> str | None:
+    with session_scope() as session:
+        return session.execute(select(Deployment.identity).where(Deployment.id == 1)).scalar_one_or_none()
+
+
+def _make() -> str:
+    made = "".join(secrets.choice(_ALPHABET) for _ in range(IDENTITY_LENGTH))
+    try:
+        with session_scope() as session:
+            session.add(Deployment(id=1, identity=made, created_at=utcnow()))
+    except IntegrityError:  # another process made it first: theirs is ours
+        pass
+    found = _read()
+    assert found is not None
+    return found
 
 
 @runtime.on_reset("deployment identity")
