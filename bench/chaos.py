@@ -41,7 +41,7 @@ from sqlmodel import Session, col, select
 
 from bench.common import percentiles, postgres_schema
 from tests.harness import ProcessSystem, parse
-from worker import store
+from worker import deployment, store
 from worker.models import History, Meeting, Room
 from worker.sandbox import SandboxConfig, SandboxServer
 
@@ -453,9 +453,9 @@ def peak_window(calls: list[dict[str, Any]], spends: list[tuple[str, int]]) -> d
 
 
 def tag_of(room_name: str | None) -> str:
-    """The attempt tag in a room name of ours ("/rk-<tag>-…"), or "" for another's."""
-    parts = (room_name or "").lstrip("/").split("-")
-    return parts[1] if len(parts) > 2 and parts[0] == "rk" else ""
+    """The attempt tag in a room name of ours ("/rk-<identity>-<tag>-…"), or "" for another's."""
+    name = deployment.parse(room_name or "", "rk")
+    return name.tag if name is not None else ""
 
 
 def history_of(procs: ProcessSystem, booking_id: str) -> list[str]:

@@ -21,6 +21,7 @@ from typing import Any
 from celery import Celery
 from sqlalchemy import create_engine, text
 
+from worker import deployment
 from worker.localredis import EmbeddedRedis
 from worker.sandbox import SandboxAdmin
 from worker.store import sqlalchemy_url
@@ -202,9 +203,8 @@ class ProcessSystem:
             )
         audit = Audit()
         for room in self.admin.rooms(include_deleted=True):
-            name = (room["room_name"] or "").lstrip("/")
-            parts = name.split("-")
-            booking = owners.get(parts[1]) if len(parts) > 2 and parts[0] == "rk" else None
+            name = deployment.parse(room["room_name"] or "", "rk")
+            booking = owners.get(name.tag) if name is not None else None
             if booking is None:
                 audit.strangers.append(room)
             else:
