@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 from sqlalchemy import Row, update
 from sqlmodel import Session, col
 
-from config.settings import Settings, get_settings
+from config.settings import Settings, SettingsError, get_settings
 from worker import runtime
 from worker.models import Meeting, Room, utcnow
 from worker.store import session_scope
@@ -82,12 +82,18 @@ class Renewer:
                 self._held.discard(key)
 
     def _run(self) -> None:
-        while True:
-            lease = get_settings().claim_lease_seconds
+        thread = threading.current_thread()
+        # A reset (a fork, a test changing the settings) starts a new thread when one is needed:
+        # this one then stops instead of renewing beside it.
+        while self._thread is thread:
+            try:
+                lease = get_settings().claim_lease_seconds
+            except SettingsError:  # settings made invalid under us (tests do): try again shortly
+                lease = 3.0
             time.sleep(lease / 3)
             with self._lock:
                 held = list(self._held)
-            if held:
+            if held and self._thread is thread:
                 try:
                     self.renew(held, lease)
                 except Exception:  # the next round, or the lease running out, settles it
