@@ -20,7 +20,7 @@ from sqlmodel import Session, col, select
 from config.settings import Settings, get_settings
 from worker import claims, deployment, journal, lifecycle, rules, runtime, whereby
 from worker.errors import WherebyCallFailed, heed_rate_limit
-from worker.models import Meeting, MeetingState, Room, RoomState, utcnow
+from worker.models import Meeting, Room, RoomState, utcnow
 from worker.persist import AfterCommit, apply, meeting_facts, room_facts
 from worker.store import session_scope
 
@@ -80,16 +80,7 @@ def _start(meeting_pk: int, claim: str, settings: Settings) -> Attempt | str:
         )
         if claimed is None:
             return "skipped: claim already taken (duplicate delivery)"
-        facts = rules.MeetingFacts(
-            state=MeetingState(claimed.state),
-            create_at=claimed.create_at,
-            room_end=claimed.room_end,
-            due_at=claimed.due_at,
-            attempts=claimed.attempts,
-            replacing=claimed.replacing,
-            room_id=claimed.room_id,
-        )
-        change = rules.creation_due(facts, now)
+        change = rules.creation_due(meeting_facts(claimed), now)
         result: Attempt | str = change.outcome
         if change.act:
             result = _record_attempt(session, meeting_pk, claimed, change, now, identity, settings)

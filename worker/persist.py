@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import or_, update
+from sqlalchemy import Row, or_, update
 from sqlmodel import Session, col, select
 
 from config.settings import get_settings
@@ -42,7 +43,8 @@ class AfterCommit:
             flush_outbox()
 
 
-def meeting_facts(meeting: Meeting) -> rules.MeetingFacts:
+def meeting_facts(meeting: Meeting | Row[Any]) -> rules.MeetingFacts:
+    """What the rules read of a meeting: from its ORM object, or a Core row with the same columns."""
     return rules.MeetingFacts(
         state=MeetingState(meeting.state),
         create_at=meeting.create_at,
