@@ -1,0 +1,34 @@
+"""In-memory stand-in for Whereby's /v1/meetings API, served over real HTTP for the demo, tests and bench.
+
+One job per module:
+
+- ``wire``: Reply, BadRequest and Whereby's timestamp format, shared by the rest.
+- ``config``: SandboxConfig, the TUNABLE settings and their checks.
+- ``rooms``: the in-memory rooms and the create/get/list/delete endpoints over them, with expiry.
+- ``budget``: the points-per-minute window and the 429 it earns.
+- ``faults``: the fault script and the seeded random faults.
+- ``state``: Sandbox, one lock over the above, the /v1 dispatch, the call log and the admin operations.
+- ``api``: the /v1 HTTP route.
+- ``admin``: the /_sandbox HTTP routes and SandboxAdmin, their client.
+- ``server``: create_app, SandboxServer (background thread) and serve (foreground).
+"""
+
+from __future__ import annotations
+
+from worker.sandbox.admin import SandboxAdmin
+from worker.sandbox.config import TUNABLE, SandboxConfig
+from worker.sandbox.server import SandboxServer, create_app, serve
+from worker.sandbox.state import Sandbox
+from worker.sandbox.wire import BadRequest, Reply
+
+__all__ = [
+    "TUNABLE",
+    "BadRequest",
+    "Reply",
+    "Sandbox",
+    "SandboxAdmin",
+    "SandboxConfig",
+    "SandboxServer",
+    "create_app",
+    "serve",
+]
