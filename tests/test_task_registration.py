@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from kombu.utils.imports import symbol_by_name
+
+from config.celery import RUN_AT_START, RUN_IN_BEAT
 from worker.app import app
+from worker.beat import InBeatScheduler
 
 EXPECTED_TASKS = {
     "rooms.schedule_meeting",
@@ -22,8 +26,15 @@ def test_registered_task_names() -> None:
     assert registered == EXPECTED_TASKS
 
 
-def test_beat_sends_registered_tasks() -> None:
+def test_beat_runs_registered_tasks_in_its_own_process() -> None:
+    """Beat calls its ticks by their registered names, in-process; senders may still use the names."""
     app.loader.import_default_modules()
-    scheduled = {entry["task"] for entry in app.conf.beat_schedule.values()}
+    schedule = app.conf.beat_schedule
+    scheduled = {entry["task"] for entry in schedule.values()}
     assert scheduled == {"rooms.dispatch_due", "rooms.recover_overdue", "rooms.reconcile"}
     assert scheduled <= set(app.tasks)
+    assert symbol_by_name(app.conf.beat_scheduler) is InBeatScheduler
+    in_beat = {entry["task"] for entry in schedule.values() if entry["options"].get(RUN_IN_BEAT)}
+    assert in_beat == scheduled, "a tick sent as a task fills Flower's task list"
+    at_start = {entry["task"] for entry in schedule.values() if entry["options"].get(RUN_AT_START)}
+    assert at_start == {"rooms.dispatch_due"}

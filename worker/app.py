@@ -6,7 +6,7 @@ import logging
 from typing import Any
 
 from celery import Celery
-from celery.signals import beat_init, worker_process_init, worker_ready
+from celery.signals import worker_process_init, worker_ready
 
 from config.celery import celery_config
 from config.settings import get_settings
@@ -22,10 +22,11 @@ def _fresh_connections(**_: Any) -> None:
     runtime.reset(settings=False)
 
 
-@beat_init.connect
 @worker_ready.connect
 def _dispatch_at_start(**_: Any) -> None:
-    # Work that fell due while nothing ran goes out now, not one interval after start-up.
+    # Work that fell due while nothing ran goes out now, not one interval after start-up. Beat
+    # does the same in-process (worker.beat, `run_at_start`); a worker sends it as one task, run
+    # by its pool like any other: one row in Flower per worker start, not per tick.
     app.send_task("rooms.dispatch_due", queue=get_settings().queue)
 
 
