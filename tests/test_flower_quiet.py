@@ -93,3 +93,33 @@ def test_idle_ticks_leave_flower_showing_the_last_booking(procs: ProcessSystem, 
     by_name = {t["name"]: t for t in seen if "quiet-1" in str(t.get("kwargs"))}
     assert {"rooms.schedule_meeting", "rooms.create_room", "rooms.delete_room"} <= set(by_name), seen
     assert by_name["rooms.create_room"]["state"] == "SUCCESS"
+
+
+@pytest.mark.parametrize("database", ["sqlite"], indirect=True)
+def test_a_failed_whereby_call_shows_as_failure_with_its_booking_and_reason(
+    procs: ProcessSystem, flower: str, sandbox: SandboxAdmin
+) -> None:
+    procs.start_worker()
+    procs.start_beat()
+    sandbox.script({"method": "POST", "action": "error", "status": 503})
+    start = later(3)
+    procs.book("fails-once", start, start + timedelta(seconds=30))
+    procs.wait_for(lambda: procs.states().get("fails-once") == "ready", timeout=30)
+
+    def failed() -> list[dict[str, Any]]:
+        found: dict[str, dict[str, Any]] = httpx.get(
+            f"{flower}/api/tasks", params={"state": "FAILURE"}, auth=AUTH, timeout=5
+        ).json()
+        return list(found.values())
+
+    try:
+        (row,) = procs.wait_for(failed, timeout=15)
+    except AssertionError:
+        raise AssertionError([(t["name"], t["state"], t.get("exception")) for t in tasks(flower)]) from None
+    assert row["name"] == "rooms.create_room"
+    assert "'booking_id': 'fails-once'" in str(row["kwargs"])
+    assert "booking fails-once" in row["exception"] and "ServerError" in row["exception"]
+    assert "503" in row["exception"]
+    # The retry, planned in the store, made the room: that row is a SUCCESS of its own.
+    made = [t for t in tasks(flower) if t["name"] == "rooms.create_room" and t["state"] == "SUCCESS"]
+    assert len(made) == 1 and "fails-once" in str(made[0]["kwargs"])

@@ -10,7 +10,9 @@ from celery.signals import worker_process_init, worker_ready
 
 from config.celery import celery_config
 from config.settings import get_settings
-from worker import runtime
+from worker import celery_fixes, runtime
+
+celery_fixes.install()
 
 app = Celery("roomkeeper", include=["tasks.meetings", "tasks.rooms", "tasks.scheduled"])
 app.config_from_object(celery_config(get_settings()))
