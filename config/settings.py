@@ -106,11 +106,9 @@ class Settings(BaseSettings):
         return value or None
 
     @model_validator(mode="after")
-    def _key_required_for_whereby(self) -> Settings:
-        if self.whereby_api_key is None and self.is_real_whereby:
-            raise ValueError(
-                f"WHEREBY_API_KEY is required when WHEREBY_API_URL points at Whereby ({self.whereby_api_url})"
-            )
+    def _retry_bounds(self) -> Settings:
+        # The Whereby key is not checked here: commands that only read the store (`show`, `list`,
+        # `failed`) need none. Processes that call Whereby check it with require_whereby_key().
         if self.retry_max_seconds < self.retry_base_seconds:
             raise ValueError("ROOMKEEPER_RETRY_MAX_SECONDS must be >= ROOMKEEPER_RETRY_BASE_SECONDS")
         return self
@@ -120,11 +118,25 @@ class Settings(BaseSettings):
         host = urlsplit(self.whereby_api_url).hostname or ""
         return any(host == h or host.endswith("." + h) for h in _WHEREBY_HOSTS)
 
+    def require_whereby_key(self) -> Settings:
+        """Stop a process that will call Whereby when it has no key for it (SettingsError naming
+        WHEREBY_API_KEY). Run at the start of the worker and beat, and by `api_key`."""
+        if self.whereby_api_key is None and self.is_real_whereby:
+            raise SettingsError(
+                "roomkeeper: invalid settings: WHEREBY_API_KEY is required when WHEREBY_API_URL points "
+                f"at Whereby ({self.whereby_api_url})"
+            )
+        return self
+
     @property
     def api_key(self) -> str:
-        """The bearer key; the sandbox's own key when pointed at anything but Whereby."""
+        """The bearer key; the sandbox's own key when pointed at anything but Whereby.
+
+        Pointed at Whereby without a key it raises (require_whereby_key) rather than send the
+        sandbox's key: whoever builds a Whereby client stops there, naming WHEREBY_API_KEY."""
         if self.whereby_api_key is not None:
             return self.whereby_api_key.get_secret_value()
+        self.require_whereby_key()
         return SANDBOX_API_KEY
 
     @property

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
+from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -12,7 +14,9 @@ from click.testing import Result
 from sqlmodel import select
 from typer.testing import CliRunner
 
-from worker import booking
+from config.settings import SettingsError, get_settings
+from tests.conftest import apply_settings
+from worker import booking, runtime
 from worker.app import app
 from worker.cli import cli
 from worker.models import History, Meeting, MeetingState, Room, RoomState, utcnow
@@ -286,3 +290,55 @@ def test_show_of_an_unknown_booking_with_brackets_exits_1_naming_it() -> None:
     assert isinstance(result.exception, SystemExit), result.exception
     assert result.exit_code == 1
     assert "no meeting with booking_id 'odd[/]id'" in result.output
+
+
+# --------------------------------------------------------------------------------------------
+# The commands that only read the store need no Whereby key, even pointed at the real Whereby.
+
+
+@pytest.fixture
+def real_whereby_without_key(configured: str) -> Iterator[None]:
+    sandbox_url = os.environ["WHEREBY_API_URL"]
+    apply_settings(WHEREBY_API_URL="https://api.whereby.dev/v1", WHEREBY_API_KEY=None)
+    yield
+    apply_settings(WHEREBY_API_URL=sandbox_url)
+
+
+@pytest.mark.usefixtures("real_whereby_without_key")
+def test_show_list_and_failed_run_without_a_whereby_key() -> None:
+    store("no-key-ok", MeetingState.SCHEDULED, start_in=600)
+    store("no-key-dead", MeetingState.FAILED, start_in=900, last_error=GAVE_UP)
+    settings = get_settings()
+    assert settings.is_real_whereby and settings.whereby_api_key is None  # the setting as deployed
+
+    shown = roomkeeper("show", "no-key-dead")
+    listed = roomkeeper("list")
+    failed = roomkeeper("failed")
+
+    assert shown.exit_code == 0, shown.output
+    assert json.loads(shown.output.partition("history of")[0])["state"] == "failed"
+    assert listed.exit_code == 0, listed.output
+    assert [row[0] for row in table_rows(listed.output)] == ["no-key-ok", "no-key-dead"]
+    assert failed.exit_code == 0, failed.output
+    assert [(row[0], row[3]) for row in table_rows(failed.output)] == [("no-key-dead", GAVE_UP)]
+    # Whatever would call Whereby still stops, naming the key (the worker and beat check it at
+    # start: tests/test_settings.py starts them).
+    with pytest.raises(SettingsError, match="WHEREBY_API_KEY is required"):
+        runtime.client()
+
+
+def test_show_of_an_id_the_store_cannot_hold_names_the_rule() -> None:
+    # An undecodable byte in the argument reaches Python as a lone surrogate (PEP 383).
+    result = roomkeeper("show", "booking-\udcff")
+
+    assert isinstance(result.exception, SystemExit), result.exception
+    assert result.exit_code == 1
+    assert "booking_id: must not contain a lone surrogate (U+DCFF)" in result.output
+
+
+def test_list_of_an_unknown_state_exits_2_naming_the_states() -> None:
+    result = roomkeeper("list", "--state", "broken")
+
+    assert result.exit_code == 2
+    assert "'broken' is not one of" in result.output
+    assert "failed" in result.output

@@ -7,8 +7,16 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
-from worker.requests import MAX_METADATA_BYTES, BookingRef, InvalidRequest, ScheduleRequest, validate
+from worker.requests import (
+    MAX_METADATA_BYTES,
+    BookingRef,
+    InvalidRequest,
+    ScheduleRequest,
+    problems,
+    validate,
+)
 
 CALLER_PREFIX_MAX = 27
 
@@ -392,3 +400,133 @@ def test_booking_ref_invalid(kwargs: dict[str, Any], field: str, rule: str) -> N
 def test_booking_ref_positional() -> None:
     with pytest.raises(InvalidRequest, match="keyword"):
         validate(BookingRef, ("booking-8812",), {})
+
+
+# --------------------------------------------------------------------------------------------
+# Characters the store cannot keep: NUL (PostgreSQL refuses it in text) and lone surrogates (no
+# UTF-8 encoding). Refused in every string field, naming it, the same on SQLite and PostgreSQL.
+
+NUL_RULE = "must not contain the NUL character (U+0000)"
+UNSTORABLE = [("nul", "\x00", NUL_RULE), ("surrogate", "\ud800", "lone surrogate (U+D800)")]
+
+
+@pytest.fixture(params=UNSTORABLE, ids=[case[0] for case in UNSTORABLE])
+def bad(request: pytest.FixtureRequest) -> tuple[str, str]:
+    """(the character, the words of the rule it breaks)."""
+    _name, char, rule = request.param
+    return char, rule
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"booking_id": "booking-{}-8812"}, "booking_id"),
+        ({"booking_id": "{}"}, "booking_id"),
+        ({"notify": {"task": "bookings.room_event{}", "queue": "bookings"}}, "notify.task"),
+        ({"notify": {"task": "bookings.room_event", "queue": "{}bookings"}}, "notify.queue"),
+        ({"room": {"room_name_prefix": "clinic{}"}}, "room.room_name_prefix"),
+        ({"room": {"room_name_pattern": "uuid{}"}}, "room.room_name_pattern"),
+        ({"room": {"room_mode": "group{}"}}, "room.room_mode"),
+        ({"room": {"template_type": "{}viewerMode"}}, "room.template_type"),
+        ({"start": "2096-12-01T09:00:00Z{}"}, "start"),
+        ({"end": "2096-12-01T09:45:00{}Z"}, "end"),
+    ],
+)
+def test_unstorable_character_in_a_string_field(
+    bad: tuple[str, str], changes: dict[str, Any], field: str
+) -> None:
+    char, rule = bad
+    sent = json.loads(json.dumps(changes).replace("{}", json.dumps(char)[1:-1]))
+    message = rejected_with(**sent)
+    assert message.startswith(f"{field}: must not contain")
+    assert rule in message
+    assert ";" not in message  # this rule alone, not the field's other rules about the same text
+    assert "\x00" not in message and "\ud800" not in message  # the message itself is safe to store and print
+
+
+@pytest.mark.parametrize(
+    ("metadata", "field"),
+    [
+        ({"notes": "{}"}, "metadata.notes"),
+        ({"notes": ["fine", "x{}y"]}, "metadata.notes.1"),
+        ({"a": {"b": [{"c": "{}"}]}}, "metadata.a.b.0.c"),
+        ({"a": {"b": [1, True, None, 2.5, "{}"]}}, "metadata.a.b.4"),
+    ],
+)
+def test_unstorable_character_in_a_metadata_value_names_its_path(
+    bad: tuple[str, str], metadata: dict[str, Any], field: str
+) -> None:
+    char, rule = bad
+    sent = json.loads(json.dumps(metadata).replace("{}", json.dumps(char)[1:-1]))
+    message = rejected_with(metadata=sent)
+    assert message.startswith(f"{field}: must not contain")
+    assert rule in message
+
+
+def test_unstorable_character_in_a_metadata_key_names_the_object_and_the_key(bad: tuple[str, str]) -> None:
+    char, rule = bad
+    message = rejected_with(metadata={"notes": {f"to{char}do": "call back"}})
+    assert message.startswith(f"metadata.notes: key {f'to{char}do'!r} must not contain")
+    assert rule in message
+    assert char not in message  # shown escaped
+
+
+def test_metadata_example_from_the_issue() -> None:
+    message = rejected_with(metadata={"notes": ["\x00"]})
+    assert message == "metadata.notes.0: must not contain the NUL character (U+0000)"
+
+
+def test_every_unstorable_place_is_reported_at_once() -> None:
+    message = rejected_with(
+        booking_id="b\x00",
+        notify={"task": "t\x00", "queue": "q"},
+        metadata={"a": "\x00", "b": ["ok", "\ud800"]},
+    )
+    assert message.split("; ") == [
+        "booking_id: must not contain the NUL character (U+0000)",
+        "notify.task: must not contain the NUL character (U+0000)",
+        "metadata.a: must not contain the NUL character (U+0000)",
+        "metadata.b.1: must not contain a lone surrogate (U+D800): not valid Unicode text",
+    ]
+
+
+def test_an_unknown_kwarg_with_a_nul_in_its_name_is_named_escaped() -> None:
+    message = rejected_with(**{"prio\x00rity": "high"})
+    assert message == "'prio\\x00rity': unknown field"
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["booking \U0001f600 ünïcödé", "tab\tand\nnewline", "\x01\x1f\x7f control characters", "\ufffe\uffff"],
+)
+def test_every_other_character_is_accepted(text: str) -> None:
+    # Only what the store cannot keep is refused: other control characters and astral planes are text.
+    request = schedule(
+        booking_id=text,
+        notify={"task": text, "queue": text},
+        metadata={text: [text, {text: text}]},
+    )
+    assert request.booking_id == text
+    assert request.notify is not None and (request.notify.task, request.notify.queue) == (text, text)
+    assert request.metadata == {text: [text, {text: text}]}
+
+
+@pytest.mark.parametrize("char", ["\x00", "\udfff"])
+def test_booking_ref_unstorable_character(char: str) -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        validate(BookingRef, (), {"booking_id": f"booking{char}8812"})
+    assert str(caught.value).startswith("booking_id: must not contain")
+
+
+def test_problems_give_field_and_rule_pairs() -> None:
+    # The HTTP face reports `{"field", "rule"}` pairs (CONTRACT §4): the same ones as the message.
+    with pytest.raises(ValidationError) as caught:
+        ScheduleRequest.model_validate(
+            {**EXAMPLE, "booking_id": "b\x00", "metadata": {"n": ["\x00"]}, "colour": "red"},
+            context={"caller_prefix_max": CALLER_PREFIX_MAX},
+        )
+    assert sorted(problems(caught.value)) == [
+        ("booking_id", "must not contain the NUL character (U+0000)"),
+        ("colour", "unknown field"),
+        ("metadata.n.0", "must not contain the NUL character (U+0000)"),
+    ]

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -11,6 +14,7 @@ import pytest
 from config.celery import beat_schedule, celery_config
 from config.settings import Settings, SettingsError, load_settings
 
+ROOT = Path(__file__).resolve().parent.parent
 SANDBOX_URL = "http://127.0.0.1:8088/v1"
 SECRET_KEY = "wb-live-9f2c7e1a4b6d8035"
 
@@ -229,13 +233,35 @@ def test_settings_error_stops_the_process() -> None:
 # The API key.
 
 
+def key_error(settings: Settings) -> str:
+    """What a process that calls Whereby is stopped with (the worker and beat at start, the client)."""
+    with pytest.raises(SettingsError) as caught:
+        settings.require_whereby_key()
+    message = str(caught.value)
+    with pytest.raises(SettingsError) as caught_by_client:
+        _ = settings.api_key  # what the Whereby client is built with: never the sandbox's key
+    assert str(caught_by_client.value) == message
+    return message
+
+
 @pytest.mark.parametrize("url", [None, "https://api.whereby.dev/v1", "https://api.whereby.com/v1"])
 def test_api_key_is_required_for_whereby(monkeypatch: pytest.MonkeyPatch, url: str | None) -> None:
     if url is not None:
         monkeypatch.setenv("WHEREBY_API_URL", url)
-    message = settings_error(monkeypatch)
+    # The settings load (commands that only read the store need no key)...
+    settings = load_settings()
+    assert settings.is_real_whereby
+    # ...but whatever would call Whereby stops, naming the variable.
+    message = key_error(settings)
     assert names_variable(message, "WHEREBY_API_KEY"), message
     assert "required" in message
+
+
+def test_api_key_given_for_whereby_passes_the_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WHEREBY_API_KEY", SECRET_KEY)
+    settings = load_settings()
+    assert settings.require_whereby_key() is settings
+    assert settings.api_key == SECRET_KEY
 
 
 @pytest.mark.parametrize(
@@ -244,6 +270,7 @@ def test_api_key_is_required_for_whereby(monkeypatch: pytest.MonkeyPatch, url: s
 def test_api_key_is_not_required_for_a_sandbox(monkeypatch: pytest.MonkeyPatch, url: str) -> None:
     monkeypatch.setenv("WHEREBY_API_URL", url)
     settings = load_settings()
+    assert settings.require_whereby_key() is settings
     assert settings.whereby_api_key is None
     assert settings.is_real_whereby is False
     assert settings.api_key == "sandbox-key"
@@ -256,8 +283,34 @@ def test_api_key_given_for_a_sandbox_is_used(monkeypatch: pytest.MonkeyPatch, sa
 
 def test_empty_api_key_is_rejected_for_whereby(monkeypatch: pytest.MonkeyPatch) -> None:
     # `WHEREBY_API_KEY=` (declared, not given) must stop the start, not fail every Whereby call later.
-    message = settings_error(monkeypatch, WHEREBY_API_KEY="")
+    monkeypatch.setenv("WHEREBY_API_KEY", "")
+    message = key_error(load_settings())
     assert names_variable(message, "WHEREBY_API_KEY"), message
+
+
+@pytest.mark.parametrize("process", ["worker", "beat"])
+def test_worker_and_beat_without_a_key_for_whereby_stop_at_start(tmp_path: Path, process: str) -> None:
+    # The Procfile's own commands. The broker is a closed port: a process that got past the check
+    # would wait there for it until the timeout, consuming nothing of anyone's.
+    env = {
+        **os.environ,
+        "WHEREBY_API_URL": "https://api.whereby.dev/v1",
+        "ROOMKEEPER_BROKER_URL": "redis://127.0.0.1:9/0",
+        "ROOMKEEPER_DATABASE_URL": f"sqlite:///{tmp_path / 'roomkeeper.db'}",
+    }
+    command = {"worker": ["worker", "--pool=solo"], "beat": ["beat", f"--pidfile={tmp_path / 'beat.pid'}"]}
+    celery = str(Path(sys.executable).parent / "celery")
+    done = subprocess.run(
+        [celery, "-A", "worker.app", *command[process], "--loglevel=WARNING"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode != 0
+    output = done.stdout + done.stderr
+    assert "WHEREBY_API_KEY is required when WHEREBY_API_URL points at Whereby" in output, output[-2000:]
 
 
 def test_api_key_never_appears_in_repr_or_str(monkeypatch: pytest.MonkeyPatch) -> None:

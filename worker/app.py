@@ -6,7 +6,7 @@ import logging
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_process_init, worker_ready
+from celery.signals import beat_init, worker_init, worker_process_init, worker_ready
 
 from config.celery import celery_config
 from config.settings import get_settings
@@ -16,6 +16,14 @@ celery_fixes.install()
 
 app = Celery("roomkeeper", include=["tasks.meetings", "tasks.rooms", "tasks.scheduled"])
 app.config_from_object(celery_config(get_settings()))
+
+
+@worker_init.connect
+@beat_init.connect
+def _whereby_key_at_start(**_: Any) -> None:
+    # The worker and beat call Whereby: without its key they stop now, naming WHEREBY_API_KEY,
+    # instead of failing every call. Importing the app (Flower, the read-only CLI) needs no key.
+    get_settings().require_whereby_key()
 
 
 @worker_process_init.connect

@@ -156,10 +156,14 @@ def cancel(booking_id: str, wait: Annotated[float, typer.Option()] = 30.0) -> No
 def show(booking_id: str) -> None:
     """A meeting's view and its whole history: every state change and every Whereby call."""
     from worker import booking
+    from worker.requests import BookingRef, InvalidRequest, validate
 
     try:
-        console.print_json(data=booking.get_meeting(booking_id))
-    except booking.UnknownBooking as exc:
+        # Validated like a caller's id: one the store cannot hold (an undecodable byte in the
+        # argument arrives as a lone surrogate) is named, not a driver's traceback.
+        ref = validate(BookingRef, (), {"booking_id": booking_id})
+        console.print_json(data=booking.get_meeting(ref.booking_id))
+    except InvalidRequest as exc:  # booking.UnknownBooking included
         console.print(f"[red]{escape(str(exc))}[/red]")
         raise typer.Exit(1) from None
     table = Table("at", "kind", "what", "outcome", title=f"history of {escape(booking_id)}")
@@ -170,7 +174,7 @@ def show(booking_id: str) -> None:
 
 @cli.command(name="list")
 def list_(
-    state: Annotated[str | None, typer.Option(help="only meetings in this state")] = None,
+    state: Annotated[MeetingState | None, typer.Option(help="only meetings in this state")] = None,
     limit: Annotated[int, typer.Option()] = 200,
 ) -> None:
     """A table of meetings, soonest first."""

@@ -18,6 +18,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 MAX_METADATA_BYTES = 4096
 M = TypeVar("M", bound="BaseModel")
@@ -25,6 +26,62 @@ M = TypeVar("M", bound="BaseModel")
 
 class InvalidRequest(ValueError):
     """A call broke a rule of the contract; the message names the field and the rule."""
+
+
+# Characters the store cannot keep as text, on either database: PostgreSQL's text types refuse NUL
+# (psycopg raises DataError) and SQLite keeps it but its SQL functions stop there; a lone UTF-16
+# surrogate has no UTF-8 encoding, so neither psycopg nor sqlite3 can even send it.
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def unstorable(text: str) -> str | None:
+    """The rule `text` breaks when it holds a character the store cannot keep, else None."""
+    found = _UNSTORABLE.search(text)
+    if found is None:
+        return None
+    if found.group() == "\x00":
+        return "must not contain the NUL character (U+0000)"
+    return f"must not contain a lone surrogate (U+{ord(found.group()):04X}): not valid Unicode text"
+
+
+def _unstorable_in(value: Any, path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], str]]:
+    """Every place inside a JSON value (keys and strings, nested) that the store cannot keep."""
+    found: list[tuple[tuple[str, ...], str]] = []
+    if isinstance(value, str):
+        if rule := unstorable(value):
+            found.append((path, rule))
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            if isinstance(key, str) and (rule := unstorable(key)):
+                found.append((path, f"key {key!r} {rule}"))
+                continue  # its value is reported under a name no one could send back
+            found.extend(_unstorable_in(item, (*path, str(key))))
+    elif isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            found.extend(_unstorable_in(item, (*path, str(index))))
+    return found
+
+
+def _refuse_unstorable(value: Any) -> None:
+    """Raise one error that lists every unstorable place in `value` (its path rides in ctx)."""
+    found = _unstorable_in(value)
+    if found:
+        raise PydanticCustomError(
+            "unstorable_text", "{rule}", {"rule": found[0][1], "problems": [(list(p), r) for p, r in found]}
+        )
+
+
+class _Request(BaseModel):
+    """What every request model shares: no field, however typed, takes text the store cannot keep."""
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _storable_text(cls, value: Any) -> Any:
+        # Strings only: nested objects are checked by their own model, metadata walks its whole
+        # value itself, and a wrong type is left to the field's own rule.
+        if isinstance(value, str):
+            _refuse_unstorable(value)
+        return value
 
 
 def parse_instant(value: str) -> datetime:
@@ -40,7 +97,7 @@ def parse_instant(value: str) -> datetime:
     return parsed.astimezone(UTC)
 
 
-class RoomOptions(BaseModel):
+class RoomOptions(_Request):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     room_name_prefix: Annotated[StrictStr, Field(pattern=r"^[a-z0-9-]*$")] | None = None
@@ -64,14 +121,14 @@ class RoomOptions(BaseModel):
         return None if value is None else sorted(set(value))
 
 
-class Notify(BaseModel):
+class Notify(_Request):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     task: Annotated[StrictStr, Field(min_length=1, max_length=200)]
     queue: Annotated[StrictStr, Field(min_length=1, max_length=200)]
 
 
-class ScheduleRequest(BaseModel):
+class ScheduleRequest(_Request):
     model_config = ConfigDict(extra="forbid")
 
     booking_id: Annotated[StrictStr, Field(min_length=1, max_length=200)]
@@ -86,6 +143,7 @@ class ScheduleRequest(BaseModel):
     def _iso_string(cls, value: Any, info: ValidationInfo) -> datetime:
         if not isinstance(value, str):
             raise ValueError("must be an ISO-8601 date-time string")
+        _refuse_unstorable(value)  # this validator runs before the shared one: say the same
         return parse_instant(value)
 
     @field_validator("room", mode="before")
@@ -100,6 +158,13 @@ class ScheduleRequest(BaseModel):
             return {}
         if not isinstance(value, dict):
             raise ValueError("must be a JSON object")
+        # Storable, but refused for consistency: the column (SQLAlchemy JSON: `json` on PostgreSQL,
+        # text on SQLite) holds json.dumps's output, where NUL and lone surrogates are the escapes
+        # "\u0000" and "\ud800", so such metadata is stored and read back on both databases.
+        # It is refused anyway, like every other field: PostgreSQL's own JSON operators (->>) and a
+        # cast to jsonb fail on those escapes ("unsupported Unicode escape sequence", "invalid input
+        # syntax for type json"), so the value could never be queried or moved to jsonb.
+        _refuse_unstorable(value)
         try:
             size = len(json.dumps(value, separators=(",", ":")).encode())
         except (TypeError, ValueError):
@@ -118,7 +183,7 @@ class ScheduleRequest(BaseModel):
         return self
 
 
-class BookingRef(BaseModel):
+class BookingRef(_Request):
     model_config = ConfigDict(extra="forbid")
 
     booking_id: Annotated[StrictStr, Field(min_length=1, max_length=200)]
@@ -134,16 +199,33 @@ class InvalidRequestField(ValueError):
 _PREFIX = re.compile(r"^(Value error|Assertion failed), ")
 
 
-def _describe(error: Any) -> str:
-    loc = ".".join(str(part) for part in error["loc"])
-    message = _PREFIX.sub("", error["msg"])
-    if error["type"] == "extra_forbidden":
-        message = "unknown field"
-    elif error["type"] == "missing":
-        message = "is required"
-    if not loc:
-        return message
-    return f"{loc}: {message}"
+def _name(part: Any) -> str:
+    # A field name the caller sent with a NUL in it is shown escaped, not echoed raw.
+    text = str(part)
+    return repr(text) if unstorable(text) else text
+
+
+def problems(exc: ValidationError) -> list[tuple[str, str]]:
+    """(field, rule) for every broken rule; field is dotted (`room.room_mode`, `metadata.notes.0`),
+    or "" for a rule whose message names its fields itself (`end: must be after start`)."""
+    found: list[tuple[str, str]] = []
+    for error in exc.errors():
+        loc = [_name(part) for part in error["loc"]]
+        if error["type"] == "unstorable_text":
+            for path, rule in error["ctx"]["problems"]:
+                found.append((".".join([*loc, *path]), rule))
+            continue
+        message = _PREFIX.sub("", error["msg"])
+        if error["type"] == "extra_forbidden":
+            message = "unknown field"
+        elif error["type"] == "missing":
+            message = "is required"
+        found.append((".".join(loc), message))
+    return found
+
+
+def _describe(field: str, rule: str) -> str:
+    return f"{field}: {rule}" if field else rule
 
 
 def validate(model: type[M], args: tuple[Any, ...], kwargs: dict[str, Any], **context: Any) -> M:
@@ -153,4 +235,4 @@ def validate(model: type[M], args: tuple[Any, ...], kwargs: dict[str, Any], **co
     try:
         return model.model_validate(kwargs, context=context)
     except ValidationError as exc:
-        raise InvalidRequest("; ".join(_describe(e) for e in exc.errors())) from None
+        raise InvalidRequest("; ".join(_describe(field, rule) for field, rule in problems(exc))) from None
