@@ -118,6 +118,31 @@ def test_two_dispatchers_at_once_send_each_due_meeting_once(sent: list[Sent]) ->
     assert sorted(creations(sent)) == sorted(pks)
 
 
+def test_a_backlog_is_resent_with_backoff_not_at_every_recovery_pass(sent: list[Sent]) -> None:
+    """Messages sent but not started (a worker far behind, or dead): the recovery pass sends each
+    again once, then waits as long again as it was overdue before the next copy."""
+    pks = store_meetings("backlog", 20, due_in=-3)
+    assert dispatch.dispatch_due() == {"create": 20, "delete": 0}  # sent, and nobody starts them
+    sent.clear()
+
+    assert dispatch.dispatch_due(overdue_only=True)["create"] == 20  # 3 s overdue: sent again
+    resent = claims_of(pks)
+    assert all(claim is not None and claim.startswith(claims.RESEND_CLAIM) for claim in resent.values())
+    assert {s.kwargs["claim"] for s in sent} == set(resent.values())
+    for _ in range(5):  # every later pass within the wait sends nothing more
+        assert dispatch.dispatch_due(overdue_only=True)["create"] == 0
+    assert len(sent) == 20
+    with session_scope() as session:
+        held = [m.claim_until for m in session.exec(select(Meeting).where(col(Meeting.id).in_(pks)))]
+    assert all(until is not None and until >= utcnow() + timedelta(seconds=3) for until in held)
+
+    # Once that wait has run out, the work goes once more, and waits longer still.
+    with session_scope() as session:
+        session.execute(update(Meeting).values(claim_until=utcnow() - timedelta(seconds=1)))
+    assert dispatch.dispatch_due(overdue_only=True)["create"] == 20
+    assert len(sent) == 40
+
+
 def test_only_work_due_before_the_next_tick_is_sent_with_an_eta_at_its_instant(sent: list[Sent]) -> None:
     apply_settings(ROOMKEEPER_DISPATCH_INTERVAL_SECONDS="15")
     (in_ten_minutes,) = store_meetings("later", 1, due_in=600)

@@ -1,8 +1,9 @@
 """Claims: the conditional updates that make a second delivery a no-op, and their lease renewal.
 
-A row's `claim_token` says who holds it: the dispatcher (`d…`: a message was sent, not started)
-or a running task (`r…`). `claim_until` is the lease; a holder that dies stops renewing it, and
-the work is picked up again one lease later.
+A row's `claim_token` says who holds it: the dispatcher (`d…`: a message was sent, not started),
+the recovery pass (`o…`: the message was sent again, not started) or a running task (`r…`).
+`claim_until` is the lease; a holder that dies stops renewing it, and the work is picked up again
+one lease later.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from worker.store import session_scope
 
 log = logging.getLogger(__name__)
 
-DISPATCH_CLAIM, RUN_CLAIM = "d", "r"
+DISPATCH_CLAIM, RESEND_CLAIM, RUN_CLAIM = "d", "o", "r"
 M = TypeVar("M", Meeting, Room)
 
 

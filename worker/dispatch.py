@@ -5,6 +5,7 @@ seconds); a transaction that makes work due at once runs it for just those rows 
 from __future__ import annotations
 
 import logging
+import math
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from sqlmodel import Session, col, select
 
 from config.settings import Settings, get_settings
 from worker.app import app
-from worker.claims import DISPATCH_CLAIM, M
+from worker.claims import DISPATCH_CLAIM, RESEND_CLAIM, M
 from worker.models import Meeting, Room, utcnow
 from worker.store import session_scope
 
@@ -25,6 +26,10 @@ CREATE_TASK = "rooms.create_room"
 DELETE_TASK = "rooms.delete_room"
 # Work sent but not started this long after its instant is sent again by the recovery pass.
 OVERDUE_GRACE = timedelta(seconds=2)
+# A resent row is not resent again before it has waited as long again as it was overdue (at most
+# this long): a worker that died loses its work for seconds, while a backlog (workers far behind,
+# not dead) costs a few duplicate messages a row instead of one every recovery pass.
+RESEND_WAIT_MAX = timedelta(minutes=5)
 
 
 @dataclass(frozen=True)
@@ -51,11 +56,12 @@ def claim_due(
     overdue_before: datetime | None = None,
 ) -> list[Claimed]:
     """Claim, in one conditional UPDATE … RETURNING, the rows due before `horizon`, soonest first."""
-    token = DISPATCH_CLAIM + uuid.uuid4().hex
+    token = (RESEND_CLAIM if overdue_before is not None else DISPATCH_CLAIM) + uuid.uuid4().hex
     claimable = or_(col(model.claim_until).is_(None), col(model.claim_until) < now)
     if overdue_before is not None:
         # Sent but still not started well after its instant: the worker holding the message is
-        # gone (or far behind). Send it again; whichever copy starts first does the work.
+        # gone (or far behind). Send it again; whichever copy starts first does the work. A row
+        # sent again is held by its resend claim (`_back_off_resends`) until that runs out.
         claimable = or_(
             claimable,
             and_(col(model.claim_token).startswith(DISPATCH_CLAIM), col(model.due_at) <= overdue_before),
@@ -74,6 +80,8 @@ def claim_due(
         .values(claim_token=token, claim_until=horizon + lease)
         .returning(col(model.id), col(model.due_at), owner)
     ).all()
+    if overdue_before is not None and rows:
+        _back_off_resends(session, model, [(pk, due_at) for pk, due_at, _ in rows], now, lease)
     if model is Room and rows:
         # The booking id travels in the message only so that operators can tell, in Flower,
         # which booking a room task is about.
@@ -83,6 +91,20 @@ def claim_due(
         )
         return [Claimed(pk, due_at, token, bookings.get(meeting_pk, "")) for pk, due_at, meeting_pk in rows]
     return [Claimed(pk, due_at, token, booking_id) for pk, due_at, booking_id in rows]
+
+
+def _back_off_resends(
+    session: Session, model: type[M], rows: Sequence[tuple[int, datetime]], now: datetime, lease: timedelta
+) -> None:
+    """Hold each resent row until it has waited as long again as it was overdue (whole seconds,
+    rounded up to a power of two, so a pass needs a few UPDATEs, not one a row)."""
+    by_wait: dict[timedelta, list[int]] = {}
+    for pk, due_at in rows:
+        overdue = max(lease, min(now - due_at, RESEND_WAIT_MAX))
+        wait = timedelta(seconds=2 ** math.ceil(math.log2(max(overdue.total_seconds(), 1))))
+        by_wait.setdefault(wait, []).append(pk)
+    for wait, pks in by_wait.items():
+        session.execute(update(model).where(col(model.id).in_(pks)).values(claim_until=now + wait))
 
 
 def dispatch_due(
