@@ -88,7 +88,7 @@ def run() -> None:
         reset_settings()
         names.insert(0, "sandbox")
         console.print(f"No WHEREBY_API_KEY: using the bundled sandbox at {overrides['WHEREBY_API_URL']}")
-    get_settings()  # fail fast, naming the variable, before anything starts
+    get_settings().require_whereby_key()  # fail fast, naming the variable, before anything starts
     run_migrations()
     flower_port = int(os.environ.get("PORT", "5555"))
     console.print(f"Flower: http://127.0.0.1:{flower_port}")
