@@ -143,6 +143,40 @@ def test_a_backlog_is_resent_with_backoff_not_at_every_recovery_pass(sent: list[
     assert len(sent) == 40
 
 
+def test_a_queue_being_worked_through_is_not_resent_but_a_message_lost_behind_it_is(
+    sent: list[Sent],
+) -> None:
+    """Workers take messages in due order: while work due no later than a waiting row is running,
+    that row waits its turn; once only later work runs, its message was lost with a dead worker."""
+    older = store_meetings("older", 1, due_in=-8)
+    waiting = store_meetings("waiting", 10, due_in=-5)
+    assert dispatch.dispatch_due() == {"create": 11, "delete": 0}
+    sent.clear()
+
+    def running(pks: list[int]) -> None:
+        with session_scope() as session:
+            session.execute(
+                update(Meeting)
+                .where(col(Meeting.id).in_(pks))
+                .values(claim_token=claims.RUN_CLAIM + "busy", claim_until=utcnow() + timedelta(seconds=30))
+            )
+
+    running(older)  # a worker is busy with work due before the waiting rows: a queue, not a loss
+    assert dispatch.dispatch_due(overdue_only=True)["create"] == 0
+    assert sent == []
+
+    later = store_meetings("later", 1, due_in=-3)
+    with session_scope() as session:
+        session.execute(
+            update(Meeting)
+            .where(col(Meeting.id).in_(older))
+            .values(claim_token=None, claim_until=None, due_at=None)
+        )
+    running(later)  # only work due after them runs now: their messages are gone
+    assert dispatch.dispatch_due(overdue_only=True)["create"] == 10
+    assert sorted(creations(sent)) == sorted(waiting)
+
+
 def test_only_work_due_before_the_next_tick_is_sent_with_an_eta_at_its_instant(sent: list[Sent]) -> None:
     apply_settings(ROOMKEEPER_DISPATCH_INTERVAL_SECONDS="15")
     (in_ten_minutes,) = store_meetings("later", 1, due_in=600)

@@ -11,12 +11,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import and_, or_, update
+from sqlalchemy import and_, func, or_, update
 from sqlmodel import Session, col, select
 
 from config.settings import Settings, get_settings
 from worker.app import app
-from worker.claims import DISPATCH_CLAIM, RESEND_CLAIM, M
+from worker.claims import DISPATCH_CLAIM, RESEND_CLAIM, RUN_CLAIM, M
 from worker.models import Meeting, Room, utcnow
 from worker.store import session_scope
 
@@ -60,11 +60,27 @@ def claim_due(
     claimable = or_(col(model.claim_until).is_(None), col(model.claim_until) < now)
     if overdue_before is not None:
         # Sent but still not started well after its instant: the worker holding the message is
-        # gone (or far behind). Send it again; whichever copy starts first does the work. A row
+        # gone. Send it again; whichever copy starts first does the work. Not while runs of work
+        # due no later than it are going: workers take messages in due order, so that is a queue
+        # being worked through, where a copy would only add a duplicate to the same queue. A row
         # sent again is held by its resend claim (`_back_off_resends`) until that runs out.
+        earliest_running = (
+            select(func.min(model.due_at))
+            .where(
+                col(model.due_at).is_not(None),
+                col(model.due_at) <= now,
+                col(model.claim_token).startswith(RUN_CLAIM),
+                col(model.claim_until) > now,
+            )
+            .scalar_subquery()
+        )
         claimable = or_(
             claimable,
-            and_(col(model.claim_token).startswith(DISPATCH_CLAIM), col(model.due_at) <= overdue_before),
+            and_(
+                col(model.claim_token).startswith(DISPATCH_CLAIM),
+                col(model.due_at) <= overdue_before,
+                or_(earliest_running.is_(None), col(model.due_at) < earliest_running),
+            ),
         )
     due = and_(col(model.due_at).is_not(None), col(model.due_at) <= horizon, claimable)
     candidates = select(model.id).where(due)
