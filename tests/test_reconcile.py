@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -22,7 +22,7 @@ from tests.conftest import (
     soon,
     wait_for,
 )
-from worker import booking, reconcile
+from worker import booking, deployment, reconcile, runtime
 from worker.budget import get_budget
 from worker.models import Meeting, Room, RoomState, utcnow
 from worker.sandbox import SandboxAdmin, SandboxServer
@@ -30,19 +30,7 @@ from worker.store import session_scope
 
 pytestmark = pytest.mark.usefixtures("system")
 
-NOTHING = {"listed": 0, "orphans_deleted": 0, "lost_rooms": 0, "adopted": 0, "retired": 0}
-
-
-@pytest.fixture
-def grace(configured: str) -> Iterator[Callable[[str], None]]:
-    """Sets ROOMKEEPER_RECONCILE_GRACE_SECONDS for the test (0 by default) and restores it after."""
-
-    def set_grace(seconds: str) -> None:
-        apply_settings(ROOMKEEPER_RECONCILE_GRACE_SECONDS=seconds)
-
-    set_grace("0")
-    yield set_grace
-    apply_settings(ROOMKEEPER_RECONCILE_GRACE_SECONDS=None)
+NOTHING = {"listed": 0, "foreign": 0, "orphans_deleted": 0, "lost_rooms": 0, "adopted": 0, "retired": 0}
 
 
 def book(booking_id: str, seconds: float, events: Events | None = None) -> dict[str, Any]:
@@ -90,7 +78,7 @@ def sandbox_rooms_of(sandbox: SandboxAdmin, booking_id: str, live_only: bool = F
     return [
         room
         for room in sandbox.rooms(include_deleted=not live_only)
-        if room["room_name"].split("-")[1] in tags and room["room_name"].startswith("/rk-")
+        if (name := deployment.parse(room["room_name"], "rk")) is not None and name.tag in tags
     ]
 
 
@@ -139,9 +127,7 @@ def live_on_sandbox(sandbox: SandboxAdmin, meeting_id: str) -> bool:
 # --------------------------------------------------------------------------------------------
 
 
-def test_room_deleted_out_of_band_before_the_end_is_replaced(
-    sandbox: SandboxAdmin, events: Events, grace: Callable[[str], None]
-) -> None:
+def test_room_deleted_out_of_band_before_the_end_is_replaced(sandbox: SandboxAdmin, events: Events) -> None:
     book("vanish-1", seconds=60, events=events)
     old = ready_view("vanish-1")["room"]
     sandbox.delete_out_of_band(old["meeting_id"])
@@ -186,7 +172,7 @@ def test_room_deleted_out_of_band_before_the_end_is_replaced(
 
 
 def test_room_deleted_out_of_band_after_the_end_ends_the_meeting(
-    sandbox: SandboxAdmin, events: Events, grace: Callable[[str], None]
+    sandbox: SandboxAdmin, events: Events
 ) -> None:
     book("vanish-2", seconds=60, events=events)
     room = ready_view("vanish-2")["room"]
@@ -214,43 +200,85 @@ def test_room_deleted_out_of_band_after_the_end_ends_the_meeting(
     assert get("vanish-2")["state"] == "ended"
 
 
-def test_orphan_with_our_prefix_is_deleted_and_other_apps_rooms_are_not(
-    sandbox: SandboxAdmin, sandbox_server: SandboxServer, grace: Callable[[str], None]
+def other_identity() -> str:
+    return "zz9zz" if deployment.identity() != "zz9zz" else "yy8yy"
+
+
+def test_orphan_of_this_deployment_is_deleted_at_the_first_pass_and_no_one_elses_is(
+    sandbox: SandboxAdmin, sandbox_server: SandboxServer
 ) -> None:
     book("keeper-1", seconds=60)
     ours = ready_view("keeper-1")["room"]
-    orphan = make_room_behind_our_back(sandbox_server, "rk-zzzzzzzz-")
-    other = make_room_behind_our_back(sandbox_server, "otherapp-")
+    # Carries this deployment's identity, but no attempt of ours recorded its tag: nothing is in
+    # flight that could still claim it, so it goes now, not after a grace.
+    orphan = make_room_behind_our_back(sandbox_server, f"rk-{deployment.identity()}-zzzzzzzz-")
+    other_deployment = make_room_behind_our_back(sandbox_server, f"rk-{other_identity()}-zzzzzzzz-")
+    legacy_unknown = make_room_behind_our_back(sandbox_server, "rk-zzzzzzzz-")  # named before identities
+    other_app = make_room_behind_our_back(sandbox_server, "otherapp-")
 
     counts = reconcile.reconcile()
 
-    assert counts == {**NOTHING, "listed": 2, "orphans_deleted": 1}
+    assert counts == {**NOTHING, "listed": 4, "foreign": 2, "orphans_deleted": 1}
     by_id = {r["meeting_id"]: r for r in sandbox.rooms()}
     assert by_id[orphan["meetingId"]]["deleted_by"] == "api"
-    assert by_id[other["meetingId"]]["live"] is True
+    for room in (other_deployment, legacy_unknown, other_app):
+        assert by_id[room["meetingId"]]["live"] is True
     assert by_id[ours["meeting_id"]]["live"] is True
     assert get("keeper-1")["room"] == ours
     deletes = [c for c in sandbox.calls() if c["method"] == "DELETE"]
     assert [c["meeting_id"] for c in deletes] == [orphan["meetingId"]]
 
-    # Nothing is left to repair, and the other application's room still stands.
-    assert reconcile.reconcile() == {**NOTHING, "listed": 1}
-    assert live_on_sandbox(sandbox, other["meetingId"])
+    # Nothing is left to repair, and the others' rooms still stand.
+    assert reconcile.reconcile() == {**NOTHING, "listed": 3, "foreign": 2}
+    for room in (other_deployment, legacy_unknown, other_app):
+        assert live_on_sandbox(sandbox, room["meetingId"])
 
 
-def test_a_room_made_moments_ago_is_left_alone_until_the_grace_passes(
-    sandbox: SandboxAdmin, sandbox_server: SandboxServer, grace: Callable[[str], None]
+def test_two_deployments_on_one_organisation_never_touch_each_others_rooms(
+    sandbox: SandboxAdmin, sandbox_server: SandboxServer
 ) -> None:
-    """Its maker may not have recorded it yet: deleting it at once would break a creation in flight."""
-    grace("1")
-    orphan = make_room_behind_our_back(sandbox_server, "rk-zzzzzzzz-")
+    book("mine-1", seconds=60)
+    mine = ready_view("mine-1")["room"]
+    (attempt,) = stored_rooms("mine-1")
+    theirs = [
+        make_room_behind_our_back(sandbox_server, f"rk-{other_identity()}-aaaaaaaa-"),
+        # Even a tag that one of our attempts uses: the identity decides whose room it is.
+        make_room_behind_our_back(sandbox_server, f"rk-{other_identity()}-{attempt.tag}-"),
+    ]
+    sandbox.delete_out_of_band(mine["meeting_id"])
 
-    assert reconcile.reconcile() == {**NOTHING, "listed": 1}
-    assert live_on_sandbox(sandbox, orphan["meetingId"])
+    # Our own room, deleted out of band, is replaced at the very next pass: no grace to wait out.
+    assert reconcile.reconcile() == {**NOTHING, "listed": 2, "foreign": 2, "lost_rooms": 1}
+    new = ready_view("mine-1", not_room=mine["meeting_id"])["room"]
 
-    time.sleep(1.2)
-    assert reconcile.reconcile() == {**NOTHING, "listed": 1, "orphans_deleted": 1}
-    assert not live_on_sandbox(sandbox, orphan["meetingId"])
+    for _ in range(3):  # several passes, longer than any grace used to be: theirs stand
+        assert reconcile.reconcile() == {**NOTHING, "listed": 3, "foreign": 2}
+    for room in theirs:
+        assert live_on_sandbox(sandbox, room["meetingId"])
+    assert live_on_sandbox(sandbox, new["meeting_id"])
+    deleted = {c["meeting_id"] for c in sandbox.calls() if c["method"] == "DELETE"}
+    assert deleted.isdisjoint(room["meetingId"] for room in theirs)
+
+
+def test_a_room_the_listing_lacks_but_whereby_still_has_is_not_replaced(
+    sandbox: SandboxAdmin, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A listing that lags behind a creation must not cost a meeting its URLs: one read decides."""
+    book("lagging-1", seconds=60)
+    room = ready_view("lagging-1")["room"]
+    client = runtime.client()
+    listed = client.list_meetings
+
+    def lagging_list(**kwargs: Any) -> Iterator[Any]:
+        return (m for m in listed(**kwargs) if m.meeting_id != room["meeting_id"])
+
+    monkeypatch.setattr(client, "list_meetings", lagging_list)
+
+    assert reconcile.reconcile() == NOTHING
+    assert get("lagging-1")["room"] == room
+    assert live_on_sandbox(sandbox, room["meeting_id"])
+    reads = [c for c in sandbox.calls() if c["method"] == "GET" and c.get("meeting_id") == room["meeting_id"]]
+    assert len(reads) == 1
 
 
 @pytest.fixture
@@ -278,14 +306,12 @@ def lose_the_reply(sandbox: SandboxAdmin, booking_id: str, events: Events | None
     assert made["live"]
     (pending,) = stored_rooms(booking_id)
     assert pending.state == RoomState.PENDING
-    assert made["room_name"].startswith(f"/rk-{pending.tag}-")
+    assert made["room_name"].startswith(f"/rk-{deployment.identity()}-{pending.tag}-")
     return made
 
 
 @pytest.mark.usefixtures("slow_retries")
-def test_room_made_by_a_lost_reply_is_adopted_not_duplicated(
-    sandbox: SandboxAdmin, events: Events, grace: Callable[[str], None]
-) -> None:
+def test_room_made_by_a_lost_reply_is_adopted_not_duplicated(sandbox: SandboxAdmin, events: Events) -> None:
     made = lose_the_reply(sandbox, "lost-2", events)
     meeting = stored_meeting("lost-2")
     assert meeting.claim_until is None  # the failed attempt released its claim
@@ -327,9 +353,7 @@ def _claim_the_pending_attempt(booking_id: str) -> None:
 
 
 @pytest.mark.usefixtures("slow_retries")
-def test_room_of_an_attempt_still_running_is_left_to_that_attempt(
-    sandbox: SandboxAdmin, grace: Callable[[str], None]
-) -> None:
+def test_room_of_an_attempt_still_running_is_left_to_that_attempt(sandbox: SandboxAdmin) -> None:
     made = lose_the_reply(sandbox, "lost-3")
     _claim_the_pending_attempt("lost-3")
 
@@ -345,9 +369,7 @@ def test_room_of_an_attempt_still_running_is_left_to_that_attempt(
 
 
 @pytest.mark.usefixtures("slow_retries")
-def test_room_left_to_a_running_attempt_is_not_counted_as_adopted(
-    sandbox: SandboxAdmin, grace: Callable[[str], None]
-) -> None:
+def test_room_left_to_a_running_attempt_is_not_counted_as_adopted(sandbox: SandboxAdmin) -> None:
     lose_the_reply(sandbox, "lost-4")
     _claim_the_pending_attempt("lost-4")
 
@@ -358,9 +380,9 @@ def test_room_left_to_a_running_attempt_is_not_counted_as_adopted(
 
 
 def test_reconcile_calls_whereby_only_within_the_shared_budget(
-    sandbox: SandboxAdmin, sandbox_server: SandboxServer, grace: Callable[[str], None]
+    sandbox: SandboxAdmin, sandbox_server: SandboxServer
 ) -> None:
-    orphan = make_room_behind_our_back(sandbox_server, "rk-zzzzzzzz-")
+    orphan = make_room_behind_our_back(sandbox_server, f"rk-{deployment.identity()}-zzzzzzzz-")
     apply_settings(ROOMKEEPER_API_POINTS_PER_MINUTE="10")
     try:
         clear_budget()
@@ -383,7 +405,7 @@ def test_reconcile_calls_whereby_only_within_the_shared_budget(
 
 
 @pytest.mark.usefixtures("slow_retries")
-def test_adoption_shows_in_the_views_updated_at(sandbox: SandboxAdmin, grace: Callable[[str], None]) -> None:
+def test_adoption_shows_in_the_views_updated_at(sandbox: SandboxAdmin) -> None:
     lose_the_reply(sandbox, "lost-5")
     before = get("lost-5")["updated_at"]
     reconciled_at = utcnow()
@@ -397,7 +419,7 @@ def test_adoption_shows_in_the_views_updated_at(sandbox: SandboxAdmin, grace: Ca
 
 
 def test_cancelled_meetings_room_found_gone_is_reported_deleted(
-    sandbox: SandboxAdmin, events: Events, grace: Callable[[str], None]
+    sandbox: SandboxAdmin, events: Events
 ) -> None:
     book("gone-after-cancel", seconds=60, events=events)
     room = ready_view("gone-after-cancel")["room"]

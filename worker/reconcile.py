@@ -11,8 +11,11 @@ whether an attempt is in flight:
 - the room of an attempt whose run no longer holds the meeting is adopted (or retired);
 - a room the store holds live that the listing lacks is confirmed gone with one read before it is
   replaced (a listing that lags behind a creation must not cost a meeting its URLs).
-The one race left is a run that still holds its claim: its room is left to it. A claim counts as
-held until `CLOCK_SLACK` after its lease, for clock skew between hosts.
+The one race left is a creation in flight: the room of an attempt whose run still holds the
+meeting is left to that run, which looks it up by its tag itself. A claim counts as held until
+`CLOCK_SLACK` after its lease, for clock skew between hosts. (A deletion in flight needs no such
+care: once the read has confirmed the room gone, whichever of the two records it first wins, and
+the other changes nothing.)
 """
 
 from __future__ import annotations
@@ -106,7 +109,7 @@ def reconcile() -> dict[str, int]:
                 col(Room.name_prefix).startswith(prefix),
             )
         ).scalars():
-            if room.whereby_id not in listed and not _held(room, started) and room.id is not None:
+            if room.whereby_id not in listed and room.id is not None:
                 suspects.append(room.id)
     counts["lost_rooms"] = _confirm_lost(suspects, after)
     _delete_orphans(orphans, counts)
@@ -118,6 +121,7 @@ def reconcile() -> dict[str, int]:
 def _held(row: Meeting | Room, now: datetime) -> bool:
     """A run (or a message on its way) holds this row: what it does is its own to finish."""
     return row.claim_until is not None and row.claim_until > now - CLOCK_SLACK
+
 
 
 def _booking_of(session: Session, meeting_pk: int) -> str:
@@ -172,7 +176,7 @@ def _confirm_lost(suspects: list[int], after: AfterCommit) -> int:
             meeting = session.get(Meeting, room.meeting_pk)
             assert meeting is not None
             journal.record_calls(session, meeting.booking_id, calls)
-            if not gone or room.state != RoomState.LIVE or _held(room, now):
+            if not gone or room.state != RoomState.LIVE:
                 continue
             log.warning("booking %s: room %s is gone from Whereby", meeting.booking_id, whereby_id)
             apply(

@@ -10,7 +10,7 @@ runs every state against every input as a table.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -409,4 +409,7 @@ def room_lost(meeting: MeetingFacts, room: RoomFacts, now: datetime) -> Change:
 
 def attempt_adopted(meeting: MeetingFacts, room: RoomFacts, now: datetime, settings: Settings) -> Change:
     """The reconciler found the room of an attempt whose reply was lost and which no run holds."""
-    return room_made(meeting, room, now, settings, holds=True)
+    change = room_made(meeting, room, now, settings, holds=True)
+    if change.state == S.READY:
+        return replace(change, why=f"reconciler adopted room {room.whereby_id}")
+    return change
