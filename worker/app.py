@@ -6,11 +6,18 @@ import logging
 from typing import Any
 
 from celery import Celery
-from celery.signals import beat_init, worker_init, worker_process_init, worker_ready
+from celery.signals import (
+    after_setup_logger,
+    after_setup_task_logger,
+    beat_init,
+    worker_init,
+    worker_process_init,
+    worker_ready,
+)
 
 from config.celery import celery_config
 from config.settings import get_settings
-from worker import celery_fixes, runtime
+from worker import celery_fixes, redact, runtime
 
 celery_fixes.install()
 
@@ -24,6 +31,13 @@ def _whereby_key_at_start(**_: Any) -> None:
     # The worker and beat call Whereby: without its key they stop now, naming WHEREBY_API_KEY,
     # instead of failing every call. Importing the app (Flower, the read-only CLI) needs no key.
     get_settings().require_whereby_key()
+
+
+@after_setup_logger.connect
+@after_setup_task_logger.connect
+def _redact_room_keys(logger: logging.Logger, **_: Any) -> None:
+    # Celery logs each task's result, and a meeting view carries the host room key.
+    redact.install(logger)
 
 
 @worker_process_init.connect

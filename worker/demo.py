@@ -201,6 +201,8 @@ def run_demo(meetings: int, timeout: float) -> int:
         "ROOMKEEPER_RETRY_BASE_SECONDS": "1",
         "WHEREBY_API_URL": f"http://127.0.0.1:{sandbox_port}/v1",
         "SANDBOX_PORT": str(sandbox_port),
+        # Flower shows host room keys: without credentials it serves this host only.
+        "FLOWER_ADDRESS": "127.0.0.1",
     }
     env_all = process_env(env)
     env_all.pop("WHEREBY_API_KEY", None)  # the demo never talks to the real Whereby
