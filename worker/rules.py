@@ -274,6 +274,9 @@ def create_failed(
     if not holds:
         return Change(outcome=f"failed: {lifecycle.describe(error)}")
     reason = lifecycle.describe(error)
+    if meeting.state != S.CREATING:
+        # Rescheduled (or otherwise moved on) during the call: its own due instant stands.
+        return Change(meeting=RELEASE, outcome=f"failed: {reason}")
     attempts = meeting.attempts if lifecycle.counts_as_attempt(error) else meeting.attempts - 1
     decision = lifecycle.after_create_error(error, meeting.attempts, now, meeting.room_end, settings)
     if isinstance(decision, lifecycle.GiveUp):
