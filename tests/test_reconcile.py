@@ -1,15 +1,18 @@
-"""The reconciler against the sandbox's record: lost rooms replaced or ended, orphans deleted, adoptions."""
+"""The reconciler against the sandbox's record: lost rooms replaced or ended, orphans deleted, adoptions,
+and every room it does not own (another deployment's, an unknown legacy one) left alone."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterator
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from sqlmodel import select
+from sqlalchemy import text
+from sqlmodel import col, select
 
 from tests.conftest import (
     TEST_SETTINGS,
@@ -22,7 +25,8 @@ from tests.conftest import (
     soon,
     wait_for,
 )
-from worker import booking, deployment, reconcile, runtime
+from tests.harness import ProcessSystem, later
+from worker import booking, deployment, lifecycle, reconcile, runtime, store
 from worker.budget import get_budget
 from worker.models import Meeting, Room, RoomState, utcnow
 from worker.sandbox import SandboxAdmin, SandboxServer
@@ -69,7 +73,7 @@ def stored_meeting(booking_id: str) -> Meeting:
 def stored_rooms(booking_id: str) -> list[Room]:
     meeting = stored_meeting(booking_id)
     with session_scope() as session:
-        return list(session.exec(select(Room).where(Room.meeting_pk == meeting.id).order_by(Room.id)))
+        return list(session.exec(select(Room).where(Room.meeting_pk == meeting.id).order_by(col(Room.id))))
 
 
 def sandbox_rooms_of(sandbox: SandboxAdmin, booking_id: str, live_only: bool = False) -> list[dict[str, Any]]:
@@ -260,6 +264,114 @@ def test_two_deployments_on_one_organisation_never_touch_each_others_rooms(
     assert deleted.isdisjoint(room["meetingId"] for room in theirs)
 
 
+def list_calls(sandbox: SandboxAdmin) -> int:
+    """GET /meetings calls so far, from every deployment (each reconcile pass makes one here)."""
+    return sum(1 for c in sandbox.calls() if c["method"] == "GET" and c.get("meeting_id") is None)
+
+
+@pytest.fixture
+def second_deployment(
+    tmp_path: Path, sandbox: SandboxAdmin, sandbox_server: SandboxServer
+) -> Iterator[ProcessSystem]:
+    """Another roomkeeper on the same Whereby organisation: its own database (and so its own
+    identity), its own Redis, its own worker and beat (reconciling every second), the same sandbox."""
+    url = f"sqlite:///{tmp_path / 'second-deployment.db'}"
+    store.migrate(url)
+    settings = {"ROOMKEEPER_RECONCILE_INTERVAL_SECONDS": "1"}
+    system = ProcessSystem(url, sandbox_server.url, sandbox_server.admin_url, settings)
+    try:
+        system.start_worker()
+        system.start_beat()
+        yield system
+    finally:
+        system.stop()
+        store.get_engine(url).dispose()  # the engine its migration opened in this process
+
+
+def identity_of(system: ProcessSystem) -> str:
+    with system.engine.connect() as connection:
+        found: str = connection.execute(text("SELECT identity FROM deployment WHERE id = 1")).scalar_one()
+    return found
+
+
+def test_a_second_deployment_on_the_organisation_keeps_its_rooms_and_ours_are_repaired(
+    sandbox: SandboxAdmin, sandbox_server: SandboxServer, events: Events, second_deployment: ProcessSystem
+) -> None:
+    theirs = second_deployment
+    their_identity = identity_of(theirs)
+    assert their_identity != deployment.identity()
+    start = later(0.5)
+    their_view = theirs.book("theirs-1", start, start + timedelta(seconds=90))
+    book("ours-kept", seconds=90, events=events)
+    book("ours-vanish", seconds=90, events=events)
+    kept = ready_view("ours-kept")["room"]
+    vanished = ready_view("ours-vanish")["room"]
+    theirs.wait_for(lambda: theirs.states().get("theirs-1") == "ready", timeout=20)
+    (their_room,) = theirs.audit().rooms["theirs-1"]
+    assert their_room["room_name"].startswith(f"/rk-{their_identity}-")
+    orphan = make_room_behind_our_back(sandbox_server, f"rk-{deployment.identity()}-zzzzzzzz-")
+    sandbox.delete_out_of_band(vanished["meeting_id"])
+
+    # One pass: our orphan deleted, our lost room confirmed gone and replaced; theirs only counted.
+    assert reconcile.reconcile() == {
+        **NOTHING,
+        "listed": 3,
+        "foreign": 1,
+        "orphans_deleted": 1,
+        "lost_rooms": 1,
+    }
+    replacement = ready_view("ours-vanish", not_room=vanished["meeting_id"])["room"]
+
+    # Several passes of both reconcilers (theirs every second): each sees the other's rooms, live
+    # all along, and leaves them be.
+    their_passes_from = list_calls(sandbox)
+    ours = 0
+    while list_calls(sandbox) - their_passes_from - ours < 3:
+        assert reconcile.reconcile() == {**NOTHING, "listed": 3, "foreign": 1}
+        ours += 1
+        assert ours < 20, "the second deployment's reconciler never ran"
+        time.sleep(0.5)
+    live = {r["meeting_id"] for r in sandbox.rooms(include_deleted=False)}
+    assert live == {kept["meeting_id"], replacement["meeting_id"], their_room["meeting_id"]}
+    assert get("ours-kept")["room"] == kept
+    assert theirs.states() == {"theirs-1": "ready"}
+
+    # Both end their meetings soon; each deployment deletes its own rooms at their end.
+    end_soon("ours-kept", 2, events)
+    end_soon("ours-vanish", 2, events)
+    their_view = theirs.book("theirs-1", parse(their_view["start"]), later(2))
+    wait_for(lambda: all(get(b)["state"] == "ended" for b in ("ours-kept", "ours-vanish")), timeout=15)
+    theirs.wait_for(lambda: theirs.states().get("theirs-1") == "ended", timeout=15)
+
+    # The sandbox's own record: no room of either deployment deleted before its meeting's end,
+    # bar the one deleted out of band and our orphan; every room accounted for.
+    ends = {b: parse(get(b)["end"]) for b in ("ours-kept", "ours-vanish")}
+    ends["theirs-1"] = parse(their_view["end"])
+    rooms = {b: sandbox_rooms_of(sandbox, b) for b in ("ours-kept", "ours-vanish")}
+    audit = theirs.audit()
+    rooms["theirs-1"] = audit.rooms["theirs-1"]
+    assert [r["meeting_id"] for r in rooms["ours-kept"]] == [kept["meeting_id"]]
+    assert [r["meeting_id"] for r in rooms["ours-vanish"]] == [
+        vanished["meeting_id"],
+        replacement["meeting_id"],
+    ]
+    assert [r["meeting_id"] for r in rooms["theirs-1"]] == [their_room["meeting_id"]]
+    for booking_id, made in rooms.items():
+        for room in made:
+            assert not room["live"], (booking_id, room)
+            if room["meeting_id"] == vanished["meeting_id"]:
+                assert room["deleted_by"] == "out_of_band"
+                continue
+            assert room["deleted_by"] == "api", (booking_id, room)
+            assert parse(room["deleted_at"]) >= ends[booking_id], (booking_id, room)
+    everything = {r["meeting_id"]: r for r in sandbox.rooms()}
+    assert everything[orphan["meetingId"]]["deleted_by"] == "api"
+    assert set(everything) == {orphan["meetingId"]} | {
+        r["meeting_id"] for made in rooms.values() for r in made
+    }
+    assert reconcile.reconcile() == NOTHING
+
+
 def test_a_room_the_listing_lacks_but_whereby_still_has_is_not_replaced(
     sandbox: SandboxAdmin, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -341,7 +453,7 @@ def test_room_made_by_a_lost_reply_is_adopted_not_duplicated(sandbox: SandboxAdm
     assert room["meeting_id"] == made["meeting_id"]
     assert room["deleted_by"] == "api"
     assert len(posts(sandbox)) == 1
-    assert events.names() == ["room.ready", "room.deleted"]
+    assert wait_for(lambda: events.names() == ["room.ready", "room.deleted"], timeout=3)
 
 
 def _claim_the_pending_attempt(booking_id: str) -> None:
@@ -433,3 +545,210 @@ def test_cancelled_meetings_room_found_gone_is_reported_deleted(
 
     assert get("gone-after-cancel")["state"] == "cancelled"
     assert wait_for(lambda: events.names() == ["room.ready", "room.deleted"], timeout=3)
+    (stored,) = stored_rooms("gone-after-cancel")
+    assert stored.state == RoomState.DELETED
+
+    # Its deletion stops retrying once the room is recorded gone: nothing keeps calling Whereby
+    # (nor, in this suite, reaches into the next test's rooms).
+    def quiet() -> bool:
+        deletes = [c for c in sandbox.calls() if c["method"] == "DELETE"]
+        return parse(deletes[-1]["at"]) < utcnow() - timedelta(seconds=1.5)
+
+    wait_for(quiet, timeout=10)
+
+
+# -- rooms named before deployments had identities --------------------------------------------
+
+
+def make_legacy(booking_id: str, sandbox: SandboxAdmin, sandbox_server: SandboxServer) -> dict[str, Any]:
+    """Turn the booking's live room into one made before identities existed: `/rk-<tag>-…`, known
+    to the store by its id and tag (as a store migrated from that version holds it)."""
+    (room,) = stored_rooms(booking_id)
+    tag = lifecycle.new_tag()
+    legacy = make_room_behind_our_back(sandbox_server, f"rk-{tag}-")
+    with session_scope() as session:
+        row = session.get(Room, room.id)
+        assert row is not None and row.state == RoomState.LIVE
+        row.tag = tag
+        row.name_prefix = f"rk-{tag}-"
+        row.whereby_id = legacy["meetingId"]
+        row.room_name = legacy["roomName"]
+        row.room_url = legacy["roomUrl"]
+    sandbox.delete_out_of_band(room.whereby_id or "")  # the new-format room never existed
+    assert deployment.parse(legacy["roomName"], "rk") == deployment.RoomName(None, tag)
+    return legacy
+
+
+def test_a_legacy_room_the_store_knows_is_ours_and_deleted_at_its_end(
+    sandbox: SandboxAdmin, sandbox_server: SandboxServer, events: Events
+) -> None:
+    book("legacy-1", seconds=60, events=events)
+    ready_view("legacy-1")
+    legacy = make_legacy("legacy-1", sandbox, sandbox_server)
+    assert get("legacy-1")["room"]["meeting_id"] == legacy["meetingId"]
+    unknown_legacy = make_room_behind_our_back(sandbox_server, "rk-zzzzzzzz-")  # another deployment's
+
+    for _ in range(3):  # ours: neither an orphan nor lost; the unknown one: foreign, left alone
+        assert reconcile.reconcile() == {**NOTHING, "listed": 2, "foreign": 1}
+    assert live_on_sandbox(sandbox, legacy["meetingId"])
+    assert live_on_sandbox(sandbox, unknown_legacy["meetingId"])
+    assert get("legacy-1")["room"]["meeting_id"] == legacy["meetingId"]
+    deleted = {c["meeting_id"] for c in sandbox.calls() if c["method"] == "DELETE"}
+    assert deleted.isdisjoint({legacy["meetingId"], unknown_legacy["meetingId"]})
+
+    end_soon("legacy-1", 1.5, events)
+    wait_for(lambda: get("legacy-1")["state"] == "ended", timeout=10)
+    by_id = {r["meeting_id"]: r for r in sandbox.rooms()}
+    assert by_id[legacy["meetingId"]]["deleted_by"] == "api"
+    assert parse(by_id[legacy["meetingId"]]["deleted_at"]) >= parse(get("legacy-1")["end"])
+    assert by_id[unknown_legacy["meetingId"]]["live"] is True
+    assert wait_for(lambda: events.names() == ["room.ready", "room.deleted"])
+    assert reconcile.reconcile() == {**NOTHING, "listed": 1, "foreign": 1}
+    assert live_on_sandbox(sandbox, unknown_legacy["meetingId"])
+
+
+def test_a_legacy_room_the_store_knows_is_replaced_when_it_vanishes(
+    sandbox: SandboxAdmin, sandbox_server: SandboxServer, events: Events
+) -> None:
+    book("legacy-2", seconds=60, events=events)
+    ready_view("legacy-2")
+    legacy = make_legacy("legacy-2", sandbox, sandbox_server)
+    sandbox.delete_out_of_band(legacy["meetingId"])
+
+    assert reconcile.reconcile() == {**NOTHING, "lost_rooms": 1}
+
+    new = ready_view("legacy-2", not_room=legacy["meetingId"])["room"]
+    assert new["room_url"] != legacy["roomUrl"]
+    (live,) = sandbox.rooms(include_deleted=False)
+    assert live["meeting_id"] == new["meeting_id"]
+    assert live["room_name"].startswith(f"/rk-{deployment.identity()}-")  # made the new way
+    assert reconcile.reconcile() == {**NOTHING, "listed": 1}
+
+
+@pytest.mark.usefixtures("slow_retries")
+def test_a_legacy_named_room_of_a_lost_reply_is_adopted_by_its_tag(
+    sandbox: SandboxAdmin, sandbox_server: SandboxServer
+) -> None:
+    made = lose_the_reply(sandbox, "legacy-3")
+    (pending,) = stored_rooms("legacy-3")
+    # The attempt was recorded (and its room made) by the version before identities.
+    legacy = make_room_behind_our_back(sandbox_server, f"rk-{pending.tag}-")
+    sandbox.delete_out_of_band(made["meeting_id"])
+    with session_scope() as session:
+        row = session.get(Room, pending.id)
+        assert row is not None
+        row.name_prefix = f"rk-{pending.tag}-"
+
+    assert reconcile.reconcile() == {**NOTHING, "listed": 1, "adopted": 1}
+
+    view = get("legacy-3")
+    assert view["state"] == "ready"
+    assert view["room"]["meeting_id"] == legacy["meetingId"]
+    assert live_on_sandbox(sandbox, legacy["meetingId"])
+    assert reconcile.reconcile() == {**NOTHING, "listed": 1}
+
+
+# -- two rooms of one attempt -------------------------------------------------------------------
+
+
+def test_a_second_room_of_a_ready_meetings_attempt_is_deleted_and_the_first_kept(
+    sandbox: SandboxAdmin, sandbox_server: SandboxServer
+) -> None:
+    """A POST that landed after its retry's look-up found nothing (a slow Whereby, a lagging
+    list) makes a second room with the attempt's tag: ours, and no meeting's room."""
+    book("twice-1", seconds=60)
+    room = ready_view("twice-1")["room"]
+    (attempt,) = stored_rooms("twice-1")
+    duplicate = make_room_behind_our_back(sandbox_server, attempt.name_prefix)
+
+    assert reconcile.reconcile() == {**NOTHING, "listed": 2, "orphans_deleted": 1}
+
+    by_id = {r["meeting_id"]: r for r in sandbox.rooms()}
+    assert by_id[duplicate["meetingId"]]["deleted_by"] == "api"
+    assert by_id[room["meeting_id"]]["live"] is True
+    assert get("twice-1")["room"] == room
+    assert ("note", f"reconciler deleted orphan room {duplicate['meetingId']}", "") in actions("twice-1")
+    assert reconcile.reconcile() == {**NOTHING, "listed": 1}
+
+
+@pytest.mark.usefixtures("slow_retries")
+def test_of_two_rooms_of_a_lost_reply_one_is_adopted_and_the_other_deleted(
+    sandbox: SandboxAdmin, sandbox_server: SandboxServer
+) -> None:
+    made = lose_the_reply(sandbox, "twice-2")
+    (pending,) = stored_rooms("twice-2")
+    duplicate = make_room_behind_our_back(sandbox_server, pending.name_prefix)
+
+    assert reconcile.reconcile() == {**NOTHING, "listed": 2, "adopted": 1, "orphans_deleted": 1}
+
+    view = get("twice-2")
+    assert view["state"] == "ready"
+    assert view["room"]["meeting_id"] == made["meeting_id"]
+    (live,) = sandbox_rooms_of(sandbox, "twice-2", live_only=True)
+    assert live["meeting_id"] == made["meeting_id"]
+    assert not live_on_sandbox(sandbox, duplicate["meetingId"])
+    assert reconcile.reconcile() == {**NOTHING, "listed": 1}
+
+
+# -- the one race kept: a creation in flight --------------------------------------------------
+
+
+def _lapse_the_claim(booking_id: str, ago: timedelta) -> None:
+    """As if the run that held the meeting had died, its lease over `ago`."""
+    with session_scope() as session:
+        meeting = session.exec(select(Meeting).where(Meeting.booking_id == booking_id)).one()
+        meeting.claim_token = "a-dead-run"
+        meeting.claim_until = utcnow() - ago
+
+
+@pytest.mark.usefixtures("slow_retries")
+def test_a_pending_attempt_is_adopted_at_the_first_pass_once_its_claim_lapsed(sandbox: SandboxAdmin) -> None:
+    made = lose_the_reply(sandbox, "lapsed-1")
+    # Within the clock slack after its lease, the claim still counts as held: another host's
+    # clock may say the run is alive.
+    _lapse_the_claim("lapsed-1", reconcile.CLOCK_SLACK - timedelta(seconds=1))
+    assert reconcile.reconcile() == {**NOTHING, "listed": 1}
+    assert get("lapsed-1")["state"] == "creating"
+
+    # Past the slack, no run can still be making it: adopted now, with no grace to wait out.
+    _lapse_the_claim("lapsed-1", reconcile.CLOCK_SLACK + timedelta(seconds=1))
+    assert reconcile.reconcile() == {**NOTHING, "listed": 1, "adopted": 1}
+    view = get("lapsed-1")
+    assert view["state"] == "ready"
+    assert view["room"]["meeting_id"] == made["meeting_id"]
+    assert stored_meeting("lapsed-1").claim_token is None
+    assert len(posts(sandbox)) == 1
+
+
+@pytest.fixture
+def stalling_sandbox(sandbox: SandboxAdmin) -> Iterator[SandboxAdmin]:
+    """POST replies that stall for 3 s after the room is made, then come back as a 504."""
+    sandbox.set_faults(stall_seconds=3)
+    try:
+        yield sandbox
+    finally:
+        sandbox.set_faults(stall_seconds=30)
+
+
+def test_a_room_whose_creation_is_still_in_flight_is_left_to_its_run(
+    stalling_sandbox: SandboxAdmin,
+) -> None:
+    sandbox = stalling_sandbox
+    sandbox.script({"method": "POST", "action": "lost_reply", "mode": "stall"})
+    book("inflight-1", seconds=60)
+    made = wait_for(lambda: sandbox.rooms())[0]  # on Whereby, its reply not yet back
+    (pending,) = stored_rooms("inflight-1")
+    assert pending.state == RoomState.PENDING
+    assert made["room_name"].startswith(f"/rk-{deployment.identity()}-{pending.tag}-")
+
+    # The run holds the meeting: the room is its own to record, not an orphan nor the reconciler's.
+    assert reconcile.reconcile() == {**NOTHING, "listed": 1}
+    assert live_on_sandbox(sandbox, made["meeting_id"])
+    assert get("inflight-1")["state"] == "creating"
+
+    # The reply is lost after all; the next attempt looks the tag up and keeps that very room.
+    view = ready_view("inflight-1")
+    assert view["room"]["meeting_id"] == made["meeting_id"]
+    assert len(posts(sandbox)) == 1
+    assert made["meeting_id"] not in {c["meeting_id"] for c in sandbox.calls() if c["method"] == "DELETE"}
+    assert reconcile.reconcile() == {**NOTHING, "listed": 1}

@@ -87,7 +87,14 @@ def reconcile() -> dict[str, int]:
         )
         for whereby_id, found in listed.items():
             name = names.get(whereby_id)
-            room = by_id.get(whereby_id) or (by_tag.get(name.tag) if name is not None else None)
+            room = by_id.get(whereby_id)
+            if room is None and name is not None:
+                room = by_tag.get(name.tag)
+                if room is not None and room.whereby_id is not None:
+                    # A second room of one attempt (its POST landed after the retry's look-up
+                    # found nothing): the attempt has its room already, so this one is an orphan.
+                    orphans.append((whereby_id, _booking_of(session, room.meeting_pk)))
+                    continue
             if room is None:
                 if name is not None and name.identity == mine:
                     orphans.append((whereby_id, "(unknown)"))  # no attempt of ours recorded it
@@ -121,7 +128,6 @@ def reconcile() -> dict[str, int]:
 def _held(row: Meeting | Room, now: datetime) -> bool:
     """A run (or a message on its way) holds this row: what it does is its own to finish."""
     return row.claim_until is not None and row.claim_until > now - CLOCK_SLACK
-
 
 
 def _booking_of(session: Session, meeting_pk: int) -> str:
