@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shlex
 from pathlib import Path
 
@@ -43,3 +44,16 @@ def test_compose_runs_the_procfile_commands_with_healthy_dependencies() -> None:
     for name in ("redis", "postgres"):
         assert services[name]["healthcheck"]["test"]
     assert "FLOWER_BASIC_AUTH" in services["flower"]["environment"]
+
+
+def test_flower_never_serves_anonymously_from_the_procfile_or_compose() -> None:
+    # The Procfile's Flower goes through the guard (a bare `celery flower` would serve anyone).
+    assert shlex.split(procfile_commands()["flower"])[:2] == ["roomkeeper", "flower"]
+    flower = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["flower"]
+    # Compose either insists on credentials (`${VAR:?message}` stops `docker compose` when VAR is
+    # unset or empty) or publishes the port on the host's loopback only.
+    published = [str(p) for p in flower["ports"]]
+    loopback_only = all(p.startswith("127.0.0.1:") for p in published)
+    value = str(flower["environment"].get("FLOWER_BASIC_AUTH") or "")  # `FLOWER_BASIC_AUTH:` is None
+    required = re.fullmatch(r"\$\{FLOWER_BASIC_AUTH:\?[^}]*FLOWER_BASIC_AUTH[^}]*\}", value)
+    assert required or loopback_only, flower

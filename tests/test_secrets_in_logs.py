@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import io
+import logging
 import re
 from collections.abc import Iterator
 from datetime import timedelta
 
+import httpx
 import pytest
+from celery.utils.log import ColorFormatter
 
 from tests.harness import ProcessSystem, later
-from worker.redact import redact
+from worker.redact import install, redact
 from worker.sandbox import SandboxAdmin, SandboxServer
+from worker.whereby_errors import make_status_error
 
 
 def test_redact_hides_the_key_and_keeps_the_rest() -> None:
@@ -49,3 +54,56 @@ def test_no_log_line_carries_a_host_room_key(procs: ProcessSystem) -> None:
         assert key not in text, name
     # The worker did log the view (Celery logs each task's result): with the key hidden.
     assert "roomKey=[redacted]" in logs["worker1.log"]
+
+
+def _handler_output(formatter: logging.Formatter) -> tuple[logging.Logger, io.StringIO]:
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(formatter)
+    logger = logging.getLogger(f"test-redact-{id(stream)}")
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    install(logger)
+    return logger, stream
+
+
+@pytest.mark.parametrize(
+    "formatter",
+    [logging.Formatter("%(levelname)s %(message)s"), ColorFormatter("%(message)s", use_color=False)],
+)
+def test_tracebacks_stacks_and_encoded_urls_are_redacted_too(formatter: logging.Formatter) -> None:
+    logger, stream = _handler_output(formatter)
+    try:
+        raise RuntimeError("reply: {'hostRoomUrl': 'https://x.whereby.com/rk-a?roomKey=KEY-IN-TRACEBACK'}")
+    except RuntimeError:
+        logger.exception("call failed for %s", "https://x.whereby.com/rk-a?roomKey=KEY-IN-ARGS")
+    logger.warning("to %s", "/login?next=https%3A%2F%2Fx%2Frk-a%3FroomKey%3DKEY-ENCODED", stack_info=True)
+    logger.info("nothing secret here: %s", {"room_url": "https://x.whereby.com/rk-a"})
+    out = stream.getvalue()
+    for key in ("KEY-IN-TRACEBACK", "KEY-IN-ARGS", "KEY-ENCODED"):
+        assert key not in out, key
+    assert "RuntimeError: reply: {'hostRoomUrl': 'https://x.whereby.com/rk-a?roomKey=[redacted]'}" in out
+    assert "roomKey%3D[redacted]" in out
+    assert "Stack (most recent call last)" in out  # the stack is kept, only keys go
+    assert "nothing secret here: {'room_url': 'https://x.whereby.com/rk-a'}" in out
+
+
+def test_a_broken_log_call_is_reported_by_the_handler_not_raised_by_the_filter(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    logger, stream = _handler_output(logging.Formatter("%(message)s"))
+    logger.info("two %s %s", "roomKey=K")  # one argument short: logging reports it on stderr
+    assert "--- Logging error ---" in capsys.readouterr().err
+    assert stream.getvalue() == ""
+
+
+@pytest.mark.parametrize("status", [400, 404, 429, 502])
+def test_whereby_error_messages_never_carry_a_room_key(status: int) -> None:
+    # A reply that echoes a room URL: its text ends up in the error, so in last_error and history.
+    request = httpx.Request("GET", "https://api.whereby.dev/v1/meetings/42")
+    body = {"error": "room https://x.whereby.com/rk-a?roomKey=ECHOED-KEY&x=1 is in use"}
+    error = make_status_error(httpx.Response(status, json=body, request=request))
+    assert "ECHOED-KEY" not in str(error) and "ECHOED-KEY" not in error.message
+    assert "roomKey=[redacted]&x=1 is in use" in str(error)
+    assert str(error).startswith(f"GET /v1/meetings/42 -> {status}")

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import logging
 import os
 import sys
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -76,15 +74,6 @@ def sandbox(
     serve(config, host, port)
 
 
-def _loopback(address: str) -> bool:
-    if address in ("localhost", "ip6-localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(address).is_loopback
-    except ValueError:
-        return False  # "" (every interface), 0.0.0.0, a host name: reachable from elsewhere
-
-
 @cli.command()
 def flower(
     port: Annotated[int, typer.Option(envvar="PORT")] = 5555,
@@ -95,26 +84,20 @@ def flower(
     """Run Flower; refuses to listen beyond loopback without credentials (FLOWER_BASIC_AUTH)."""
     # Flower's pages are open without auth, and its task list shows every meeting view, host room
     # keys included: nobody without credentials may reach it from another host.
-    basic = os.environ.get("FLOWER_BASIC_AUTH", "")
-    oauth = os.environ.get("FLOWER_AUTH_PROVIDER", "") and os.environ.get("FLOWER_AUTH", "")
-    if not (basic or oauth or _loopback(address)):
-        print(
-            f"roomkeeper flower: refusing to serve Flower on {address or 'every interface'} without "
-            "credentials: set FLOWER_BASIC_AUTH=user:password (or Flower's FLOWER_AUTH_PROVIDER and "
-            "FLOWER_AUTH), or listen on loopback only (--address=127.0.0.1)",
-            file=sys.stderr,
-        )
+    from worker.flower import command, refusal
+
+    problem = refusal(os.environ, address)
+    if problem:
+        print(f"roomkeeper flower: {problem}", file=sys.stderr)
         raise typer.Exit(2)
-    celery = str(Path(sys.executable).with_name("celery"))
-    args = [celery, "-A", "worker.app", "flower", f"--port={port}"]
-    if address:
-        args.append(f"--address={address}")
-    os.execv(celery, args)  # Flower takes this process over, and SIGTERM with it
+    argv = command(port, address)
+    os.execv(argv[0], argv)  # Flower takes this process over, and SIGTERM with it
 
 
 @cli.command()
 def run() -> None:
     """Run worker, beat and Flower on the configured settings (plus the sandbox without a Whereby key)."""
+    from worker.flower import credentials, refusal
     from worker.localredis import free_port
     from worker.processes import process_env, run_processes
     from worker.store import migrate as run_migrations
@@ -130,9 +113,13 @@ def run() -> None:
         names.insert(0, "sandbox")
         console.print(f"No WHEREBY_API_KEY: using the bundled sandbox at {overrides['WHEREBY_API_URL']}")
     get_settings().require_whereby_key()  # fail fast, naming the variable, before anything starts
-    if not os.environ.get("FLOWER_BASIC_AUTH"):
+    if not credentials(os.environ):
         # Without credentials Flower serves this host only (`roomkeeper flower` insists).
         overrides["FLOWER_ADDRESS"] = os.environ.get("FLOWER_ADDRESS") or "127.0.0.1"
+    problem = refusal(os.environ, overrides.get("FLOWER_ADDRESS", os.environ.get("FLOWER_ADDRESS", "")))
+    if problem:  # stop before anything starts, as Flower alone would
+        print(f"roomkeeper run: {problem}", file=sys.stderr)
+        sys.exit(2)
     run_migrations()
     flower_port = int(os.environ.get("PORT", "5555"))
     console.print(f"Flower: http://127.0.0.1:{flower_port}")

@@ -11,8 +11,11 @@ from __future__ import annotations
 import logging
 import re
 
-ROOM_KEY = re.compile(r"(roomKey=)[^&\s'\"]+")
+# `roomKey=`, also percent-encoded once or twice (a room URL inside another URL's query).
+ROOM_KEY = re.compile(r"(roomkey(?:=|%3d|%253d))[^&\s'\"]+", re.IGNORECASE)
 REDACTED = r"\1[redacted]"
+
+_TRACEBACKS = logging.Formatter()
 
 
 def redact(text: str) -> str:
@@ -20,12 +23,23 @@ def redact(text: str) -> str:
 
 
 class RedactRoomKeys(logging.Filter):
+    """Redacts the message, its traceback and its stack before the handler formats the record."""
+
     def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        if "roomKey=" in message:
+        try:
+            message = record.getMessage()
+        except Exception:
+            return True  # a broken format string: the handler reports it, as without this filter
+        if ROOM_KEY.search(message):
             record.msg, record.args = redact(message), None
-        if record.exc_text and "roomKey=" in record.exc_text:
+        if record.exc_info and not record.exc_text:
+            # Formatted here, once, so the traceback (whose last line is the error's message) is
+            # redacted too; formatters use exc_text when it is set.
+            record.exc_text = _TRACEBACKS.formatException(record.exc_info)
+        if record.exc_text:
             record.exc_text = redact(record.exc_text)
+        if record.stack_info:
+            record.stack_info = redact(record.stack_info)
         return True
 
 

@@ -8,6 +8,8 @@ from datetime import UTC, datetime
 
 import httpx
 
+from worker.redact import redact
+
 __all__ = [
     "APIConnectionError",
     "APITimeoutError",
@@ -31,12 +33,15 @@ class WherebyError(Exception):
     """Base of every error this client raises.
 
     `retryable` says whether the same request may succeed later (after a wait the caller
-    chooses); it does not mean this client retried it. Messages never contain the API key.
+    chooses); it does not mean this client retried it. Messages never contain the API key, nor a
+    room key (`roomKey=` in a reply's text is redacted): they end up in logs, `last_error` and
+    history lines.
     """
 
     retryable: bool = False
 
     def __init__(self, message: str, *, status_code: int | None = None) -> None:
+        message = redact(message)
         super().__init__(message)
         self.message = message
         self.status_code = status_code
