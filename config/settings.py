@@ -38,6 +38,14 @@ class Settings(BaseSettings):
     api_points_per_minute: int = Field(default=100, ge=0)
     room_prefix: str = "rk"
     flower_basic_auth: str | None = Field(default=None, validation_alias=AliasChoices("FLOWER_BASIC_AUTH"))
+    web_port: int = Field(default=8000, ge=1, le=65535)
+    whereby_webhook_secret: SecretStr | None = None
+    overrun_max_seconds: float = Field(default=0, ge=0, le=86400)
+    rejoin_grace_seconds: float = Field(default=120, ge=0, le=86400)
+    notify_signing_secret: SecretStr | None = None
+    # Comma-separated host names (or IP addresses) that notify URLs and feeds may name besides
+    # public https hosts.
+    outbound_allowed_hosts: str | None = None
 
     # Extensions beyond the contract (documented in the README).
     max_attempts: int = Field(default=8, ge=1, le=100)
@@ -53,8 +61,23 @@ class Settings(BaseSettings):
     # The work waits on Whereby's HTTP replies, not the CPU: threads serve it best.
     worker_pool: str = Field(default="threads", pattern=r"^(threads|prefork|solo)$")
     worker_concurrency: int = Field(default=16, ge=1, le=512)
+    # Without webhooks, while Whereby reports an ongoing session past a meeting's end, ask again
+    # this often (each ask spends points from the shared budget).
+    overrun_poll_seconds: float = Field(default=60, gt=0, le=3600)
+    # How often beat polls each calendar feed (CONTRACT §5).
+    feed_poll_interval_seconds: float = Field(default=300, gt=0, le=86400)
+    # How long an event to a notify URL is tried before it is recorded as undelivered.
+    notify_retry_hours: float = Field(default=24, gt=0, le=168)
 
-    @field_validator("whereby_api_key", "result_backend", "flower_basic_auth", mode="before")
+    @field_validator(
+        "whereby_api_key",
+        "result_backend",
+        "flower_basic_auth",
+        "whereby_webhook_secret",
+        "notify_signing_secret",
+        "outbound_allowed_hosts",
+        mode="before",
+    )
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         # Compose and shells pass "" for a variable that is declared but not given.
@@ -104,6 +127,32 @@ class Settings(BaseSettings):
         if value is not None and value != "" and not re.fullmatch(r"[^:,]+:[^,]+", value):
             raise ValueError("must be user:password")
         return value or None
+
+    @field_validator("outbound_allowed_hosts")
+    @classmethod
+    def _hosts(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        for host in (part.strip() for part in value.split(",")):
+            if not re.fullmatch(r"[A-Za-z0-9.:\[\]-]{1,253}", host):
+                raise ValueError(f"{host!r} is not a host name or IP address (comma-separated list)")
+        return value
+
+    @property
+    def allowed_hosts(self) -> frozenset[str]:
+        """ROOMKEEPER_OUTBOUND_ALLOWED_HOSTS as a set of lower-case host names, brackets stripped."""
+        if not self.outbound_allowed_hosts:
+            return frozenset()
+        return frozenset(
+            part.strip().lower().strip("[]")
+            for part in self.outbound_allowed_hosts.split(",")
+            if part.strip()
+        )
+
+    @property
+    def webhooks_enabled(self) -> bool:
+        """Whereby's webhooks tell who is in each room (CONTRACT §4.3)."""
+        return self.whereby_webhook_secret is not None
 
     @model_validator(mode="after")
     def _retry_bounds(self) -> Settings:

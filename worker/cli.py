@@ -95,6 +95,29 @@ def flower(
 
 
 @cli.command()
+def web(
+    host: Annotated[str, typer.Option(envvar="ROOMKEEPER_WEB_HOST", help="listen address")] = "0.0.0.0",
+    port: Annotated[int | None, typer.Option(help="default: ROOMKEEPER_WEB_PORT (8000)")] = None,
+    workers: Annotated[int, typer.Option(help="uvicorn worker processes")] = 1,
+) -> None:
+    """Serve the HTTP face (CONTRACT §4): health, metrics, Whereby's webhooks, bookings, feeds."""
+    import uvicorn
+
+    _logging()
+    settings = get_settings()
+    uvicorn.run(
+        "worker.web.app:create_app",
+        factory=True,
+        host=host,
+        port=port or settings.web_port,
+        workers=workers,
+        log_config=None,
+        proxy_headers=True,
+        timeout_graceful_shutdown=10,
+    )
+
+
+@cli.command()
 def run() -> None:
     """Run worker, beat and Flower on the configured settings (plus the sandbox without a Whereby key)."""
     from worker.flower import credentials, refusal
