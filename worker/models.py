@@ -107,6 +107,30 @@ class Room(SQLModel, table=True):
     created_at: datetime = _ts(nullable=False)
     ready_at: datetime | None = _ts()
     deleted_at: datetime | None = _ts()
+    # Who is in the room, from Whereby's webhooks (CONTRACT §4.3); NULL while no event told.
+    participants: int | None = None
+    occupancy_since: datetime | None = _ts()  # when the room last went from empty to occupied or back
+    occupancy_at: datetime | None = _ts()  # createdAt of the newest event applied: older ones are ignored
+    # Set when the meeting's end came with people inside: the deletion is held (CONTRACT §4.3).
+    overrun_since: datetime | None = _ts()
+
+
+class WebhookEvent(SQLModel, table=True):
+    """Whereby's webhooks as received: stored by the web process, applied by a worker."""
+
+    __tablename__ = "webhook_event"
+    __table_args__ = (Index("ix_webhook_event_unapplied", "whereby_id", "applied_at"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    event_id: str = Field(sa_column=Column(String(200), nullable=False, unique=True))
+    type: str = Field(sa_column=Column(String(64), nullable=False))
+    created_at: datetime = _ts(nullable=False)  # the event's own createdAt
+    received_at: datetime = _ts(nullable=False)
+    whereby_id: str | None = Field(default=None, sa_column=Column(String(64), nullable=True))
+    room_name: str | None = Field(default=None, sa_column=Column(String(255), nullable=True))
+    num_clients: int | None = None
+    applied_at: datetime | None = _ts()
+    outcome: str | None = Field(default=None, sa_column=Column(String(200), nullable=True))
 
 
 class History(SQLModel, table=True):
