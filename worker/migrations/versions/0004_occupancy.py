@@ -17,7 +17,7 @@ branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 
-def _ts() -> sa.types.TypeEngine:  # type: ignore[type-arg]
+def _ts() -> worker.models.UTCDateTime:
     return worker.models.UTCDateTime()
 
 
