@@ -73,4 +73,5 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
         "dispatch-due-work": entry("rooms.dispatch_due", settings.dispatch_interval_seconds, at_start=True),
         "recover-overdue-work": entry("rooms.recover_overdue", settings.recover_interval_seconds),
         "reconcile-with-whereby": entry("rooms.reconcile", settings.reconcile_interval_seconds),
+        "apply-stored-webhooks": entry("rooms.sweep_webhooks", settings.recover_interval_seconds),
     }

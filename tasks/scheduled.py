@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from worker import dispatch, outbox
+from worker import dispatch, occupancy, outbox
 from worker import reconcile as reconciler
 from worker.app import app
 
@@ -24,3 +24,8 @@ def recover_overdue() -> dict[str, Any]:
 @app.task(name="rooms.reconcile")
 def reconcile() -> dict[str, int]:
     return reconciler.reconcile()
+
+
+@app.task(name="rooms.sweep_webhooks")
+def sweep_webhooks() -> int:
+    return occupancy.sweep()

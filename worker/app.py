@@ -21,7 +21,7 @@ from worker import celery_fixes, redact, runtime
 
 celery_fixes.install()
 
-app = Celery("roomkeeper", include=["tasks.meetings", "tasks.rooms", "tasks.scheduled"])
+app = Celery("roomkeeper", include=["tasks.meetings", "tasks.rooms", "tasks.scheduled", "tasks.webhooks"])
 app.config_from_object(celery_config(get_settings()))
 
 

@@ -124,7 +124,7 @@ def _record_attempt(
                 tag=tag,
                 name_prefix=name_prefix,
                 state=RoomState.PENDING,
-                end_date=claimed.room_end,
+                end_date=lifecycle.end_date(claimed.room_end, settings),
                 created_at=now,
             )
             .returning(col(Room.id))
@@ -133,7 +133,11 @@ def _record_attempt(
     else:
         # An earlier attempt's outcome is unknown: its room may exist. Look before creating.
         room_pk, name_prefix = pending
-        connection.execute(update(Room).where(col(Room.id) == room_pk).values(end_date=claimed.room_end))
+        connection.execute(
+            update(Room)
+            .where(col(Room.id) == room_pk)
+            .values(end_date=lifecycle.end_date(claimed.room_end, settings))
+        )
         look_up_first = True
     connection.execute(
         update(Meeting)
@@ -143,7 +147,9 @@ def _record_attempt(
     if change.state != claimed.state:
         journal.note_state(session, claimed.booking_id, claimed.state, str(change.state), change.why)
     assert room_pk is not None
-    request = whereby.CreateMeetingRequest(end_date=claimed.room_end, room_name_prefix=name_prefix, **options)
+    request = whereby.CreateMeetingRequest(
+        end_date=lifecycle.end_date(claimed.room_end, settings), room_name_prefix=name_prefix, **options
+    )
     return Attempt(claimed.claim_token, room_pk, claimed.booking_id, name_prefix, request, look_up_first)
 
 

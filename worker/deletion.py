@@ -1,15 +1,19 @@
 """Deleting a room on Whereby at its meeting's end (or when it is cancelled, replaced or unwanted).
 
-Deletions never give up: they back off until Whereby confirms (204, or 404: already gone).
+Deletions never give up: they back off until Whereby confirms (204, or 404: already gone). With an
+overrun allowed, a meeting's room is not deleted at its end while people are inside (CONTRACT §4.3):
+the count comes from Whereby's webhooks (`worker/occupancy.py`), or, without them, from asking
+Whereby's insights whether a session is going on; `worker/rules.py` decides either way.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from datetime import datetime, timedelta
 
 from config.settings import Settings, get_settings
-from worker import claims, journal, lifecycle, rules, runtime, whereby
+from worker import claims, journal, lifecycle, metrics, occupancy, rules, runtime, whereby
 from worker.errors import WherebyCallFailed, heed_rate_limit
 from worker.models import Meeting, Room, utcnow
 from worker.persist import AfterCommit, apply, meeting_facts, room_facts
@@ -33,23 +37,82 @@ def delete_room(room_pk: int, claim: str) -> str:
         assert room is not None
         meeting = session.get(Meeting, room.meeting_pk)
         assert meeting is not None
-        change = rules.deletion_due(meeting_facts(meeting), room_facts(room), now)
+        # Every webhook received so far counts before deciding: a join stored a moment ago holds it.
+        occupancy.apply_pending(session, meeting, room, now, after, settings)
+        change = rules.deletion_due(
+            meeting_facts(meeting), room_facts(room), now, webhooks=settings.webhooks_enabled
+        )
         apply(session, meeting, change, now, after, room)
         booking_id, whereby_id, end_date = meeting.booking_id, room.whereby_id, room.end_date
+        room_name, due_at = room.room_name, room.due_at
     after.run()
     if not change.act:
         return change.outcome
     with runtime.recording_calls() as calls, claims.renewer.holding(Room, room_pk, run):
+        if change.probe:
+            outcome = _probe(room_pk, run, booking_id, room_name, calls, settings)
+            if outcome is not None:
+                return outcome
         try:
             gone = lifecycle.expired(end_date, now) or whereby_id is None
             existed = False if gone else runtime.client().delete_meeting(whereby_id or "")
         except whereby.WherebyError as error:
             outcome = _failed(room_pk, run, booking_id, error, calls, settings)
             raise WherebyCallFailed.from_error(error, booking_id, outcome) from None
-    return _succeeded(room_pk, existed, calls)
+    return _succeeded(room_pk, existed, calls, due_at)
 
 
-def _succeeded(room_pk: int, existed: bool, calls: Sequence[whereby.CallRecord]) -> str:
+def _probe(
+    room_pk: int,
+    run: str,
+    booking_id: str,
+    room_name: str | None,
+    calls: list[whereby.CallRecord],
+    settings: Settings,
+) -> str | None:
+    """Ask Whereby whether the room's session goes on (no webhooks). None: go on and delete."""
+    ongoing, last_ended, failure = False, None, None
+    try:
+        sessions = runtime.client().room_sessions(room_name or "") if room_name else []
+        ongoing = any(found.ended_at is None and found.started_at is not None for found in sessions)
+        ends = [found.ended_at for found in sessions if found.ended_at is not None]
+        last_ended = max(ends) if ends else None
+    except whereby.WherebyError as error:
+        heed_rate_limit(error)
+        failure = error
+    now = utcnow()
+    after = AfterCommit()
+    with session_scope() as session:
+        journal.record_calls(session, booking_id, calls)
+        room = session.get(Room, room_pk, populate_existing=True)
+        assert room is not None
+        meeting = session.get(Meeting, room.meeting_pk, populate_existing=True)
+        assert meeting is not None
+        if not claims.holds(room, run):
+            return "claim lost while asking Whereby about the room's session"
+        facts, room_now = meeting_facts(meeting), room_facts(room)
+        if failure is not None:
+            retry_at = lifecycle.after_delete_error(failure, 1, now, settings)
+            change = rules.probe_failed(facts, room_now, now, retry_at, lifecycle.describe(failure))
+        else:
+            change = rules.session_probed(
+                facts,
+                room_now,
+                now,
+                ongoing=ongoing,
+                last_ended=last_ended,
+                poll=timedelta(seconds=settings.overrun_poll_seconds),
+                rejoin_grace=timedelta(seconds=settings.rejoin_grace_seconds),
+            )
+        apply(session, meeting, change, now, after, room)
+    calls.clear()
+    after.run()
+    return None if change.act else change.outcome
+
+
+def _succeeded(
+    room_pk: int, existed: bool, calls: Sequence[whereby.CallRecord], due_at: datetime | None
+) -> str:
     now = utcnow()
     after = AfterCommit()
     with session_scope() as session:
@@ -61,6 +124,8 @@ def _succeeded(room_pk: int, existed: bool, calls: Sequence[whereby.CallRecord])
         change = rules.room_deleted(meeting_facts(meeting), room_facts(room), now, existed=existed)
         apply(session, meeting, change, now, after, room)
     after.run()
+    if due_at is not None:
+        metrics.observe_deletion_lag(max(0.0, (now - due_at).total_seconds()))
     return change.outcome
 
 

@@ -11,6 +11,7 @@ from sqlalchemy import event, insert
 from sqlalchemy.orm import Session as OrmSession
 from sqlmodel import Session
 
+from config.settings import get_settings
 from worker import whereby
 from worker.lifecycle import fmt
 from worker.models import History, Meeting, Outbox, Room, RoomState, utcnow
@@ -74,12 +75,20 @@ def view(meeting: Meeting, room: Room | None) -> dict[str, Any]:
             "viewer_room_url": room.viewer_room_url,
             "end_date": fmt(room.end_date),
         }
+    occupancy = None
+    if room_view is not None and room is not None and get_settings().webhooks_enabled:
+        # Whereby's webhooks tell every join: a room none was received for is empty.
+        occupancy = {
+            "participants": room.participants or 0,
+            "since": fmt(room.occupancy_since or room.ready_at),
+        }
     return {
         "booking_id": meeting.booking_id,
         "state": meeting.state,
         "start": fmt(meeting.start),
         "end": fmt(meeting.end),
         "room": room_view,
+        "occupancy": occupancy,
         "metadata": meeting.meta,
         "last_error": meeting.last_error,
         "created_at": fmt(meeting.created_at),

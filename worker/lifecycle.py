@@ -22,6 +22,17 @@ def plan(start: datetime, end: datetime, settings: Settings) -> tuple[datetime, 
     return create_at, room_end
 
 
+def overrun(settings: Settings) -> timedelta:
+    """How long past its end a room with people still inside is kept (CONTRACT §4.3)."""
+    return timedelta(seconds=settings.overrun_max_seconds)
+
+
+def end_date(room_end: datetime, settings: Settings) -> datetime:
+    """The Whereby endDate asked for a room deleted at `room_end`: it covers the longest overrun, so
+    host rights and webhooks (which stop one hour after endDate) last through it."""
+    return room_end + overrun(settings)
+
+
 # Whereby answers endDate at a coarser precision than asked (milliseconds, or whole seconds).
 END_DATE_PRECISION = timedelta(seconds=1)
 

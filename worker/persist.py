@@ -14,7 +14,7 @@ from sqlalchemy import Row, or_, update
 from sqlmodel import Session, col, select
 
 from config.settings import get_settings
-from worker import journal, rules
+from worker import journal, lifecycle, rules
 from worker.dispatch import dispatch_due, dispatch_horizon
 from worker.models import Meeting, MeetingState, Room, RoomState
 from worker.outbox import flush_outbox
@@ -53,6 +53,7 @@ def meeting_facts(meeting: Meeting | Row[Any]) -> rules.MeetingFacts:
         attempts=meeting.attempts,
         replacing=meeting.replacing,
         room_id=meeting.room_id,
+        overrun=lifecycle.overrun(get_settings()),
     )
 
 
@@ -65,6 +66,9 @@ def room_facts(room: Room) -> rules.RoomFacts:
         due_at=room.due_at,
         retired_reason=room.retired_reason,
         whereby_id=room.whereby_id,
+        participants=room.participants,
+        occupancy_at=room.occupancy_at,
+        overrun_since=room.overrun_since,
     )
 
 

@@ -36,6 +36,18 @@ class MeetingFacts:
     attempts: int = 0
     replacing: bool = False
     room_id: int | None = None  # the current room
+    # How long past room_end a room with people inside may be kept (ROOMKEEPER_OVERRUN_MAX_SECONDS).
+    overrun: timedelta = timedelta(0)
+
+    @property
+    def end_date(self) -> datetime:
+        """The Whereby endDate a room of this meeting needs: room_end plus the longest overrun."""
+        return self.room_end + self.overrun
+
+    @property
+    def overrun_cap(self) -> datetime:
+        """The latest instant a room of this meeting may live, whoever is inside."""
+        return self.room_end + self.overrun
 
 
 @dataclass(frozen=True)
@@ -48,6 +60,9 @@ class RoomFacts:
     due_at: datetime | None = None
     retired_reason: str | None = None
     whereby_id: str | None = None
+    participants: int | None = None  # from Whereby's webhooks; None: no event told
+    occupancy_at: datetime | None = None  # createdAt of the newest event applied
+    overrun_since: datetime | None = None  # the end came with people inside
 
 
 @dataclass(frozen=True)
@@ -63,6 +78,7 @@ class Change:
     note: str | None = None  # a history line besides the state change
     note_outcome: str = ""
     act: bool = False  # the caller may go on and call Whereby
+    probe: bool = False  # ask Whereby whether a session is going on before acting (`session_probed`)
     outcome: str = ""  # what the task reports
 
     @property
@@ -108,23 +124,26 @@ def rescheduled(
             why="rescheduled",
             meeting={"attempts": 0, "due_at": meeting.create_at},
         )
-    if lifecycle.covers(room.end_date, meeting.room_end):
-        # The room's endDate still covers the new end: keep the room and its URLs, move the deletion.
+    if lifecycle.covers(room.end_date, meeting.end_date):
+        # The room's endDate still covers the new end (and the longest overrun past it): keep the
+        # room and its URLs, move the deletion. A held overrun is over: the meeting goes on.
         return Change(
             state=S.READY if meeting.state == S.DELETING else None,
             why="rescheduled before the deletion finished",
-            room={"due_at": meeting.room_end},
+            room={"due_at": meeting.room_end, "overrun_since": None},
         )
     # The new end is past the room's endDate: a new room replaces this one. If the new room is due
-    # now, the old one lives until it is ready (or its own end); otherwise it goes at once.
+    # now, the old one lives until it is ready (or its own end); otherwise it goes at once. A room
+    # held past its end for the people inside keeps its hold until the replacement is ready.
     old_due = room.due_at or old_room_end
+    held = old_due if room.overrun_since is not None else min(old_room_end, old_due)
     return Change(
         state=S.SCHEDULED,
         why="room must be replaced: new end is past its endDate",
         meeting={"room_id": None, "replacing": True, "attempts": 0, "due_at": meeting.create_at},
         room={
             "retired_reason": "replaced",
-            "due_at": now if meeting.create_at > now else min(old_room_end, old_due),
+            "due_at": now if meeting.create_at > now else held,
         },
     )
 
@@ -232,14 +251,14 @@ def room_made(
             note_outcome=str(meeting.state),
             outcome="made a room nobody wants any more; deleting it",
         )
-    if not lifecycle.covers(room.end_date, meeting.room_end):
+    if not lifecycle.covers(room.end_date, meeting.end_date):
         # Rescheduled to a later end while this room was being made: make another.
         short = {**live, "due_at": now, "retired_reason": "replaced"}
         if meeting.attempts >= settings.max_attempts:
             # Whereby keeps answering an endDate short of the one asked for: stop, loudly.
             reason = (
                 f"Whereby's endDate {lifecycle.fmt(room.end_date)} stays short of "
-                f"{lifecycle.fmt(meeting.room_end)}"
+                f"{lifecycle.fmt(meeting.end_date)}"
             )
             return Change(
                 state=S.FAILED,
@@ -299,16 +318,113 @@ def create_failed(
 # Deleting a room.
 
 
-def deletion_due(meeting: MeetingFacts, room: RoomFacts, now: datetime) -> Change:
-    """A deletion message arrived and its run holds the room: the end (or a retirement) is here."""
+def deletion_due(meeting: MeetingFacts, room: RoomFacts, now: datetime, *, webhooks: bool = False) -> Change:
+    """A deletion message arrived and its run holds the room: the end (or a retirement) is here.
+
+    With an overrun allowed (CONTRACT §4.3), a meeting's own room is not deleted at its end while
+    people are inside: with webhooks the stored count says so; without them the caller must first
+    ask Whereby whether a session is going on (`probe`), and `session_probed` decides.
+    """
     if room.state != RoomState.LIVE or room.due_at is None:
         return Change(room=RELEASE, outcome=f"skipped: room is {room.state}")
     if room.due_at > now + EARLY_SLACK:
         return Change(room=RELEASE, outcome="skipped: not due yet")
     ending = meeting.room_id == room.id and meeting.state == S.READY
+    if ending and meeting.overrun and now + EARLY_SLACK < meeting.overrun_cap:
+        if not webhooks:
+            return Change(act=True, probe=True, outcome="asking Whereby whether a session is going on")
+        if room.participants:
+            return _held(meeting, room, now, meeting.overrun_cap, f"{room.participants} in the room")
+    return _deleting(ending, room)
+
+
+def _deleting(ending: bool, room: RoomFacts) -> Change:
     return Change(
         state=S.DELETING if ending else None, why=f"room {room.whereby_id}", act=True, outcome="deleting"
     )
+
+
+def _held(meeting: MeetingFacts, room: RoomFacts, now: datetime, until: datetime, why: str) -> Change:
+    """The end has come with people inside: keep the room until `until` (never past the cap)."""
+    until = min(until, meeting.overrun_cap)
+    first = room.overrun_since is None
+    return Change(
+        room={"due_at": until, "overrun_since": room.overrun_since or now, **RELEASE},
+        event="room.overrunning" if first else None,
+        note=f"deletion of room {room.whereby_id} held: {why}",
+        note_outcome=f"until {lifecycle.fmt(until)} at the latest",
+        outcome=f"held: {why}",
+    )
+
+
+def session_probed(
+    meeting: MeetingFacts,
+    room: RoomFacts,
+    now: datetime,
+    *,
+    ongoing: bool,
+    last_ended: datetime | None,
+    poll: timedelta,
+    rejoin_grace: timedelta,
+) -> Change:
+    """Whereby's insights answered (no webhooks): a session still going on holds the deletion and
+    is asked about again after `poll`; a room emptied moments ago waits out the rejoin grace."""
+    if ongoing:
+        return _held(meeting, room, now, now + poll, "Whereby reports a session going on")
+    if (
+        room.overrun_since is not None
+        and last_ended is not None
+        and last_ended + rejoin_grace > now + EARLY_SLACK
+    ):
+        return _held(
+            meeting, room, now, last_ended + rejoin_grace, "emptied moments ago; waiting for a rejoin"
+        )
+    return _deleting(meeting.room_id == room.id and meeting.state == S.READY, room)
+
+
+def probe_failed(
+    meeting: MeetingFacts, room: RoomFacts, now: datetime, retry_at: datetime, reason: str
+) -> Change:
+    """Whereby could not say whether a session is going on: never cut a meeting short on a guess;
+    ask again at `retry_at` (the cap still bounds the wait)."""
+    return Change(
+        room={"due_at": min(retry_at, meeting.overrun_cap), **RELEASE},
+        note="could not ask Whereby about the room's session",
+        note_outcome=reason,
+        outcome=f"probe failed: {reason}",
+    )
+
+
+def occupancy_changed(
+    meeting: MeetingFacts,
+    room: RoomFacts,
+    participants: int,
+    at: datetime,
+    now: datetime,
+    *,
+    rejoin_grace: timedelta,
+) -> Change:
+    """A webhook said `participants` people are in the room as of `at` (its createdAt).
+
+    An event older than the newest one applied changes nothing. The first person in sends
+    `room.occupied`, the last one out `room.empty`. In a room held past its end, the last one out
+    brings the deletion to `at` + rejoin grace, and a rejoin puts it back at the cap."""
+    if room.occupancy_at is not None and at < room.occupancy_at:
+        return Change(outcome="ignored: older than the newest event applied")
+    was = room.participants or 0
+    columns: dict[str, Any] = {"participants": participants, "occupancy_at": at}
+    if room.participants is None or (was > 0) != (participants > 0):
+        columns["occupancy_since"] = at
+    current = meeting.room_id == room.id and room.state == RoomState.LIVE
+    event = None
+    if current and was == 0 and participants > 0:
+        event = "room.occupied"
+    elif current and was > 0 and participants == 0:
+        event = "room.empty"
+    if current and meeting.state == S.READY and room.overrun_since is not None:
+        due = max(at + rejoin_grace, now) if participants == 0 else meeting.overrun_cap
+        columns["due_at"] = min(due, meeting.overrun_cap)
+    return Change(room=columns, event=event, outcome=f"{participants} in the room")
 
 
 def room_deleted(meeting: MeetingFacts, room: RoomFacts, now: datetime, *, existed: bool) -> Change:

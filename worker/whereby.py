@@ -66,6 +66,8 @@ DEFAULT_TIMEOUT = httpx.Timeout(10.0, connect=5.0)
 
 # Whereby's budget is in points per organisation per minute; the caller's limiter needs the cost.
 POINTS = {"GET": 1, "DELETE": 2, "POST": 3}
+# Insights reads are "complex reads" (1 to 10 points, WHEREBY.md); budgeted at the dearer end.
+INSIGHTS_POINTS = 5
 
 
 def _version() -> str:
@@ -141,6 +143,24 @@ class _MeetingPage(BaseModel):
 
 
 _ModelT = TypeVar("_ModelT", bound=BaseModel)
+
+
+class RoomSession(_WherebyModel):
+    """One session of a room from the insights API; `ended_at` is None while it goes on."""
+
+    room_session_id: str | None = None
+    started_at: datetime | None = None
+    ended_at: datetime | None = None
+
+    @field_validator("started_at", "ended_at")
+    @classmethod
+    def _utc(cls, value: datetime | None) -> datetime | None:
+        return None if value is None else _as_utc(value)
+
+
+class _SessionPage(BaseModel):
+    results: list[RoomSession]
+    cursor: str | None = None
 
 
 @dataclass(frozen=True)
@@ -309,6 +329,13 @@ class WherebyClient:
         )
         return response.status_code != 404
 
+    def room_sessions(self, room_name: str) -> list[RoomSession]:
+        """The sessions of one room (insights API; a complex read). One page: the newest matter."""
+        response = self._request(
+            "GET", "/insights/room-sessions", params={"roomName": room_name}, points=INSIGHTS_POINTS
+        )
+        return self._parse(_SessionPage, response).results
+
     # ----------------------------------------------------------------- machinery
 
     def _retrying(self, *, idempotent: bool) -> Retrying:
@@ -336,9 +363,11 @@ class WherebyClient:
         meeting_id: str | None = None,
         idempotent: bool = True,
         accept: frozenset[int] = frozenset(),
+        points: int | None = None,
     ) -> httpx.Response:
         retrying = self._retrying(idempotent=idempotent)
-        return retrying(self._attempt, method, path, params, json, meeting_id, accept)
+        cost = POINTS[method] if points is None else points
+        return retrying(self._attempt, method, path, params, json, meeting_id, accept, cost)
 
     def _attempt(
         self,
@@ -348,9 +377,10 @@ class WherebyClient:
         json: dict[str, Any] | None,
         meeting_id: str | None,
         accept: frozenset[int],
+        points: int,
     ) -> httpx.Response:
         if self._before_request is not None:
-            self._before_request(method, POINTS[method])
+            self._before_request(method, points)
         status: int | None = None
         error: str | None = None
         started = time.monotonic()
