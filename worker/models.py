@@ -119,7 +119,17 @@ class WebhookEvent(SQLModel, table=True):
     """Whereby's webhooks as received: stored by the web process, applied by a worker."""
 
     __tablename__ = "webhook_event"
-    __table_args__ = (Index("ix_webhook_event_unapplied", "whereby_id", "applied_at"),)
+    # A room's events are found by its Whereby id; the unapplied ones (beat's sweep) through a
+    # partial index that holds only them, so the sweep's cost follows the backlog, not the table.
+    __table_args__ = (
+        Index("ix_webhook_event_whereby_id", "whereby_id"),
+        Index(
+            "ix_webhook_event_unapplied",
+            "received_at",
+            sqlite_where=text("applied_at IS NULL"),
+            postgresql_where=text("applied_at IS NULL"),
+        ),
+    )
 
     id: int | None = Field(default=None, primary_key=True)
     event_id: str = Field(sa_column=Column(String(200), nullable=False, unique=True))

@@ -37,8 +37,11 @@ SESSION_EVENTS = frozenset({"room.session.started", "room.session.ended"})
 # An event for a room named like ours but not (yet) in the store may precede the create's reply
 # being stored; it waits this long before it is dropped as not ours.
 UNKNOWN_ROOM_PATIENCE = timedelta(minutes=10)
-# Applied events are kept this long (duplicates arriving later are still recognised), then pruned.
+# Applied events are kept this long (duplicates arriving later are still recognised), then pruned
+# by beat's sweep, at most once every PRUNE_EVERY.
 KEEP_APPLIED = timedelta(days=2)
+PRUNE_EVERY = timedelta(minutes=10)
+_pruned_at: datetime | None = None
 
 
 class BadSignature(ValueError):
@@ -130,6 +133,9 @@ def store(event: Event, now: datetime) -> bool:
                     whereby_id=event.whereby_id,
                     room_name=event.room_name,
                     num_clients=event.num_clients,
+                    # Nothing to apply an event without a room to: kept only to count it once.
+                    applied_at=now if event.whereby_id is None else None,
+                    outcome="ignored: no meetingId" if event.whereby_id is None else None,
                 )
             )
     except IntegrityError:
@@ -226,22 +232,14 @@ def sweep(settle: timedelta = timedelta(seconds=2)) -> int:
         ids = (
             session.execute(
                 select(WebhookEvent.whereby_id)
-                .where(
-                    col(WebhookEvent.applied_at).is_(None),
-                    col(WebhookEvent.received_at) < now - settle,
-                    col(WebhookEvent.whereby_id).is_not(None),
-                )
+                .where(col(WebhookEvent.applied_at).is_(None), col(WebhookEvent.received_at) < now - settle)
                 .distinct()
                 .limit(500)
             )
             .scalars()
             .all()
         )
-        session.execute(
-            delete(WebhookEvent).where(
-                col(WebhookEvent.applied_at).is_not(None), col(WebhookEvent.applied_at) < now - KEEP_APPLIED
-            )
-        )
+    _prune(now)
     for whereby_id in ids:
         if whereby_id is not None:
             try:
@@ -249,3 +247,12 @@ def sweep(settle: timedelta = timedelta(seconds=2)) -> int:
             except Exception:
                 log.exception("applying the webhooks of room %s failed", whereby_id)
     return len(ids)
+
+
+def _prune(now: datetime) -> None:
+    global _pruned_at
+    if _pruned_at is not None and now - _pruned_at < PRUNE_EVERY:
+        return
+    _pruned_at = now
+    with session_scope() as session:
+        session.execute(delete(WebhookEvent).where(col(WebhookEvent.applied_at) < now - KEEP_APPLIED))

@@ -42,11 +42,19 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id"),
         sa.UniqueConstraint("event_id"),
     )
-    op.create_index("ix_webhook_event_unapplied", "webhook_event", ["whereby_id", "applied_at"])
+    op.create_index("ix_webhook_event_whereby_id", "webhook_event", ["whereby_id"])
+    op.create_index(
+        "ix_webhook_event_unapplied",
+        "webhook_event",
+        ["received_at"],
+        sqlite_where=sa.text("applied_at IS NULL"),
+        postgresql_where=sa.text("applied_at IS NULL"),
+    )
 
 
 def downgrade() -> None:
     op.drop_index("ix_webhook_event_unapplied", table_name="webhook_event")
+    op.drop_index("ix_webhook_event_whereby_id", table_name="webhook_event")
     op.drop_table("webhook_event")
     with op.batch_alter_table("room") as batch:
         for name in ("overrun_since", "occupancy_at", "occupancy_since", "participants"):
