@@ -408,6 +408,7 @@ def test_beat_schedule_defaults(sandbox_env: None) -> None:
         "rooms.dispatch_due": 15,
         "rooms.recover_overdue": 2,
         "rooms.reconcile": 300,
+        "rooms.sweep_webhooks": 2,
     }
 
 
@@ -420,5 +421,6 @@ def test_beat_schedule_follows_the_intervals(monkeypatch: pytest.MonkeyPatch, sa
         "rooms.dispatch_due": 7,
         "rooms.recover_overdue": 1.5,
         "rooms.reconcile": 120,
+        "rooms.sweep_webhooks": 1.5,
     }
     assert celery_config(settings)["beat_schedule"] == beat_schedule(settings)

@@ -17,6 +17,8 @@ EXPECTED_TASKS = {
     "rooms.dispatch_due",
     "rooms.recover_overdue",
     "rooms.reconcile",
+    "rooms.apply_webhooks",
+    "rooms.sweep_webhooks",
 }
 
 
@@ -31,7 +33,12 @@ def test_beat_runs_registered_tasks_in_its_own_process() -> None:
     app.loader.import_default_modules()
     schedule = app.conf.beat_schedule
     scheduled = {entry["task"] for entry in schedule.values()}
-    assert scheduled == {"rooms.dispatch_due", "rooms.recover_overdue", "rooms.reconcile"}
+    assert scheduled == {
+        "rooms.dispatch_due",
+        "rooms.recover_overdue",
+        "rooms.reconcile",
+        "rooms.sweep_webhooks",
+    }
     assert scheduled <= set(app.tasks)
     assert symbol_by_name(app.conf.beat_scheduler) is InBeatScheduler
     in_beat = {entry["task"] for entry in schedule.values() if entry["options"].get(RUN_IN_BEAT)}
