@@ -203,6 +203,7 @@ def _run_env(tmp_path: Path) -> dict[str, str]:
         ROOMKEEPER_RESULT_BACKEND=BROKER,
         ROOMKEEPER_QUEUE="rooms-flower-run",
         PORT=str(free_port()),
+        ROOMKEEPER_WEB_PORT=str(free_port()),  # `run` starts web too: not on a port in use
     )
     return env
 

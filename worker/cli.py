@@ -119,14 +119,14 @@ def web(
 
 @cli.command()
 def run() -> None:
-    """Run worker, beat and Flower on the configured settings (plus the sandbox without a Whereby key)."""
+    """Run worker, beat, Flower and web on the configured settings (and the sandbox without a Whereby key)."""
     from worker.flower import credentials, refusal
     from worker.localredis import free_port
     from worker.processes import process_env, run_processes
     from worker.store import migrate as run_migrations
 
     _logging()
-    names = ["worker", "beat", "flower"]
+    names = ["worker", "beat", "flower", "web"]
     overrides: dict[str, str] = {}
     if whereby_unconfigured():
         port = free_port()
@@ -146,6 +146,8 @@ def run() -> None:
     run_migrations()
     flower_port = int(os.environ.get("PORT", "5555"))
     console.print(f"Flower: http://127.0.0.1:{flower_port}")
+    web_url = f"http://127.0.0.1:{get_settings().web_port}"
+    console.print(f"Web: {web_url} (health {web_url}/readyz, metrics {web_url}/metrics)")
     sys.exit(run_processes(names, process_env(overrides), ports={"flower": flower_port}))
 
 

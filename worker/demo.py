@@ -189,7 +189,7 @@ def run_demo(meetings: int, timeout: float) -> int:
     database = var / "demo.db"
     for leftover in var.glob("demo.db*"):
         leftover.unlink()
-    sandbox_port, flower_port = free_port(), free_port()
+    sandbox_port, flower_port, web_port = free_port(), free_port(), free_port()
     env = {
         "ROOMKEEPER_BROKER_URL": broker,
         "ROOMKEEPER_RESULT_BACKEND": broker,
@@ -203,6 +203,8 @@ def run_demo(meetings: int, timeout: float) -> int:
         "SANDBOX_PORT": str(sandbox_port),
         # Flower shows host room keys: without credentials it serves this host only.
         "FLOWER_ADDRESS": "127.0.0.1",
+        "ROOMKEEPER_WEB_PORT": str(web_port),
+        "ROOMKEEPER_WEB_HOST": "127.0.0.1",
     }
     env_all = process_env(env)
     env_all.pop("WHEREBY_API_KEY", None)  # the demo never talks to the real Whereby
@@ -216,9 +218,10 @@ def run_demo(meetings: int, timeout: float) -> int:
     driver = Driver(
         meetings, timeout, broker, f"http://127.0.0.1:{sandbox_port}", f"http://127.0.0.1:{flower_port}"
     )
+    console.print(f"Metrics: http://127.0.0.1:{web_port}/metrics")
     with Path(var / "demo.log").open("w") as log:
         run_processes(
-            ["sandbox", "worker", "beat", "flower"],
+            ["sandbox", "worker", "beat", "flower", "web"],
             env_all,
             output=log,
             ports={"flower": flower_port},
