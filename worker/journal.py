@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session as OrmSession
 from sqlmodel import Session
 
 from config.settings import get_settings
-from worker import whereby
+from worker import metrics, whereby
 from worker.lifecycle import fmt
 from worker.models import History, Meeting, Outbox, Room, RoomState, utcnow
 
@@ -51,6 +51,7 @@ def note_state(session: Session, booking_id: str, was: str, state: str, why: str
 
 
 def record_calls(session: Session, booking_id: str, calls: Iterable[whereby.CallRecord]) -> None:
+    metrics.record_calls(calls := list(calls))  # counted for /metrics whichever process serves it
     for call in calls:
         outcome = str(call.status) if call.status is not None else (call.error or "error")
         target = f" {call.meeting_id}" if call.meeting_id else ""

@@ -1,7 +1,115 @@
-"""Routes of the web process: health (placeholder until built)."""
+"""`/healthz`, `/readyz`, `/metrics` (CONTRACT §4.1): is the process up, can it serve, how is the service.
+
+`/healthz` answers while the process serves (a liveness probe). `/readyz` asks the database and
+Redis, each in a thread of its own with a deadline, and names whichever did not answer (a
+readiness probe, or a load balancer's check). `/metrics` is Prometheus's text format, built at
+each scrape from the store and the workers' counters in Redis (worker/metrics.py), so every `web`
+process exports the same figures.
+"""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+import asyncio
+import logging
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
-router = APIRouter()
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from starlette.concurrency import run_in_threadpool
+
+from worker import metrics
+from worker.web.problems import MEDIA_TYPE, Problem, problem
+
+log = logging.getLogger(__name__)
+router = APIRouter(tags=["health"])
+
+# The checks block on sockets: they run on threads of their own, so a hung database cannot take
+# the threads the routes run on. Their sockets time out soon after the deadline, so these few
+# threads come back.
+_executor: ThreadPoolExecutor | None = None
+_executor_lock = threading.Lock()
+_last_ready = True
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _executor
+    with _executor_lock:
+        if _executor is None:
+            _executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="readyz")
+        return _executor
+
+
+async def _check(name: str, check: Callable[[], None]) -> str | None:
+    """None when the check passed within the deadline, else why not (no URL or secret in it)."""
+    future = asyncio.get_running_loop().run_in_executor(_pool(), check)
+    try:
+        await asyncio.wait_for(future, timeout=metrics.TIMEOUT_SECONDS)
+    except TimeoutError:
+        return f"{name}: no answer within {metrics.TIMEOUT_SECONDS:g} s"
+    except Exception as error:
+        return f"{name}: {metrics.describe(error)}"
+    return None
+
+
+@router.get("/healthz", summary="Liveness: 200 while the process serves")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get(
+    "/readyz",
+    summary="Readiness: 200 when the database and Redis answer, 503 naming the one that does not",
+    responses={
+        503: {
+            "model": Problem,
+            "content": {MEDIA_TYPE: {}},
+            "description": "the database or Redis did not answer",
+        }
+    },
+)
+async def readyz() -> Any:
+    global _last_ready
+    failures = [
+        failure
+        for failure in await asyncio.gather(
+            _check("database", metrics.check_database), _check("redis", metrics.check_redis)
+        )
+        if failure
+    ]
+    ready = not failures
+    if ready != _last_ready:  # once per change: probes come every few seconds
+        if ready:
+            log.info("ready: the database and Redis answer")
+        else:
+            log.warning("not ready: %s", "; ".join(failures))
+        _last_ready = ready
+    if failures:
+        return problem(503, "Service Unavailable", "; ".join(failures))
+    return JSONResponse({"status": "ok", "checks": {"database": "ok", "redis": "ok"}})
+
+
+def _registry(request: Request) -> CollectorRegistry:
+    # One registry per app, not prometheus_client's global default one: nothing else in the
+    # process (or a second app in a test) can add to it or collide with it.
+    registry: CollectorRegistry | None = getattr(request.app.state, "metrics_registry", None)
+    if registry is None:
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(metrics.RoomkeeperCollector())
+        request.app.state.metrics_registry = registry
+    return registry
+
+
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics, roomkeeper_ prefix",
+    response_class=Response,
+    responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format"}},
+)
+async def prometheus_metrics(request: Request) -> Response:
+    registry = _registry(request)
+    body = await run_in_threadpool(generate_latest, registry)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)
