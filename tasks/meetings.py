@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from config.settings import get_settings
-from worker import booking
+from worker import batch, booking
 from worker.app import app
 
 # `throws`: a caller's mistake is an expected outcome, logged without a traceback.
@@ -26,3 +26,9 @@ def cancel_meeting(*args: Any, **kwargs: Any) -> dict[str, Any]:
 @app.task(name="rooms.get_meeting", typing=False, throws=(InvalidRequest,))
 def get_meeting(*args: Any, **kwargs: Any) -> dict[str, Any]:
     return booking.get_meeting(validate(BookingRef, args, kwargs).booking_id)
+
+
+@app.task(name="rooms.schedule_meetings", typing=False, throws=(InvalidRequest,))
+def schedule_meetings(*args: Any, **kwargs: Any) -> list[dict[str, Any]]:
+    """Up to 1,000 bookings at once: one result per item, in order (worker/batch.py)."""
+    return batch.schedule_many(validate(batch.ScheduleBatch, args, kwargs).bookings)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
+from sqlalchemy import and_, or_
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
@@ -13,7 +15,7 @@ from config.settings import get_settings
 from worker import journal, lifecycle, rules
 from worker.journal import view
 from worker.lifecycle import fmt
-from worker.models import History, Meeting, MeetingState, utcnow
+from worker.models import History, Meeting, MeetingState, Room, utcnow
 from worker.persist import AfterCommit, apply, current_room, meeting_facts, room_facts
 from worker.requests import InvalidRequest, ScheduleRequest
 from worker.store import session_scope
@@ -143,3 +145,32 @@ def list_meetings(state: str | None = None, limit: int = 200) -> list[dict[str, 
             query = query.where(Meeting.state == state)
         meetings = list(session.execute(query).scalars())
         return [view(m, current_room(session, m)) for m in meetings]
+
+
+def list_page(
+    state: str | None, limit: int, after: tuple[datetime, int] | None = None
+) -> tuple[list[dict[str, Any]], tuple[datetime, int] | None]:
+    """Meetings soonest first (by start, then id), `limit` at a time, from just past `after`.
+
+    Returns the views and the (start, id) to pass as `after` for the next page, None at the end.
+    Keyset paging: a page costs its own rows however deep it is, and rows added meanwhile never
+    shift it."""
+    with session_scope() as session:
+        query = select(Meeting).order_by(col(Meeting.start), col(Meeting.id)).limit(limit + 1)
+        if state:
+            query = query.where(Meeting.state == state)
+        if after is not None:
+            start, pk = after
+            query = query.where(
+                or_(col(Meeting.start) > start, and_(col(Meeting.start) == start, col(Meeting.id) > pk))
+            )
+        meetings = list(session.execute(query).scalars())
+        more = len(meetings) > limit
+        meetings = meetings[:limit]
+        # One query for the page's rooms: current_room then finds each in the session.
+        room_ids = [m.room_id for m in meetings if m.room_id is not None]
+        if room_ids:
+            list(session.execute(select(Room).where(col(Room.id).in_(room_ids))).scalars())
+        views = [view(m, current_room(session, m)) for m in meetings]
+        last = meetings[-1] if more else None
+        return views, (last.start, last.id) if last is not None and last.id is not None else None

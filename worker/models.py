@@ -199,3 +199,16 @@ class Deployment(SQLModel, table=True):
     id: int | None = Field(default=None, primary_key=True)
     identity: str = Field(sa_column=Column(String(16), nullable=False))
     created_at: datetime = _ts(nullable=False)
+
+
+class ApiToken(SQLModel, table=True):
+    """A bearer token for the HTTP face (CONTRACT §4.2): only its SHA-256 is kept, never the token."""
+
+    __tablename__ = "api_token"
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(sa_column=Column(String(100), nullable=False, unique=True))
+    token_hash: str = Field(sa_column=Column(String(64), nullable=False, unique=True))
+    created_at: datetime = _ts(nullable=False)
+    last_used_at: datetime | None = _ts()
+    revoked_at: datetime | None = _ts()
