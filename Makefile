@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 demo: install     ## the whole system on embedded defaults, with sample meetings
 	$(BIN)/roomkeeper demo
 
-run: install      ## worker + beat + Flower on the configured settings
+run: install      ## worker + beat + Flower + web on the configured settings
 	$(BIN)/roomkeeper run
 
 test: install     ## the test suite, on real Redis, SQLite and PostgreSQL

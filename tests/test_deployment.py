@@ -22,7 +22,8 @@ def _words(command: str | list[str]) -> list[str]:
 
 def test_procfile_names_the_contract_processes() -> None:
     commands = procfile_commands()
-    assert {"release", "worker", "beat", "flower", "sandbox"} <= set(commands)
+    assert {"release", "worker", "beat", "flower", "web", "sandbox"} <= set(commands)
+    assert commands["web"] == "roomkeeper web"  # its port comes from ROOMKEEPER_WEB_PORT
     assert commands["release"] == "roomkeeper migrate"
     assert "--port=${PORT:-5555}" in commands["flower"]
     assert "--task-events" in commands["worker"]
@@ -32,7 +33,7 @@ def test_compose_runs_the_procfile_commands_with_healthy_dependencies() -> None:
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     services = compose["services"]
     commands = procfile_commands()
-    for name in ("release", "worker", "beat", "flower"):
+    for name in ("release", "worker", "beat", "flower", "web"):
         expected = shlex.split(commands[name])
         actual = _words(services[name]["command"])
         assert actual == expected, name
@@ -57,3 +58,20 @@ def test_flower_never_serves_anonymously_from_the_procfile_or_compose() -> None:
     value = str(flower["environment"].get("FLOWER_BASIC_AUTH") or "")  # `FLOWER_BASIC_AUTH:` is None
     required = re.fullmatch(r"\$\{FLOWER_BASIC_AUTH:\?[^}]*FLOWER_BASIC_AUTH[^}]*\}", value)
     assert required or loopback_only, flower
+
+
+def test_compose_serves_web_and_prometheus_scrapes_its_metrics() -> None:
+    services = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    web = services["web"]
+    assert "8000:8000" in [str(p) for p in web["ports"]]
+    assert "/healthz" in " ".join(web["healthcheck"]["test"])
+    assert web["environment"] == services["worker"]["environment"]  # the same settings as the worker
+    prometheus = services["prometheus"]
+    assert str(prometheus["image"]).startswith("prom/prometheus")
+    mounted = {str(v).split(":")[0]: str(v).split(":")[1] for v in prometheus["volumes"]}
+    assert mounted["./config/prometheus.yml"] == "/etc/prometheus/prometheus.yml"
+    config = yaml.safe_load((ROOT / "config" / "prometheus.yml").read_text())
+    (job,) = [job for job in config["scrape_configs"] if job["job_name"] == "roomkeeper"]
+    assert job.get("metrics_path", "/metrics") == "/metrics"
+    assert job["static_configs"][0]["targets"] == ["web:8000"]
+    assert job.get("scrape_interval", config["global"]["scrape_interval"]) == "15s"

@@ -18,7 +18,8 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, CollectorRegistry
+from prometheus_client.exposition import choose_encoder
 from starlette.concurrency import run_in_threadpool
 
 from worker import metrics
@@ -107,9 +108,11 @@ def _registry(request: Request) -> CollectorRegistry:
     "/metrics",
     summary="Prometheus metrics, roomkeeper_ prefix",
     response_class=Response,
-    responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format"}},
+    responses={200: {"content": {CONTENT_TYPE_PLAIN_0_0_4: {}}, "description": "Prometheus text format"}},
 )
 async def prometheus_metrics(request: Request) -> Response:
     registry = _registry(request)
-    body = await run_in_threadpool(generate_latest, registry)
-    return Response(body, media_type=CONTENT_TYPE_LATEST)
+    # Prometheus's own text format unless the scraper asks for another (OpenMetrics, say).
+    encode, content_type = choose_encoder(request.headers.get("accept", ""))
+    body = await run_in_threadpool(encode, registry)
+    return Response(body, media_type=content_type)
