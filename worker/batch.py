@@ -15,6 +15,7 @@ never depends on which of two contradicting items "won".
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterator, Sequence
 from datetime import datetime
 from typing import Annotated, Any
@@ -49,6 +50,20 @@ class ScheduleBatch(BaseModel):
     bookings: Annotated[list[Any], Field(max_length=MAX_ITEMS)]
 
 
+_FIELD = re.compile(r"^([A-Za-z_][A-Za-z0-9_.]*): (.+)$", re.DOTALL)
+
+
+def named_problems(exc: ValidationError) -> list[tuple[str, str]]:
+    """`worker.requests.problems`, with the field of a rule that names it in its message
+    (`end: must be after start`) moved into `field`, as callers of the HTTP face read it."""
+    named = []
+    for field, rule in problems(exc):
+        if not field and (found := _FIELD.match(rule)):
+            field, rule = found.group(1), found.group(2)
+        named.append((field, rule))
+    return named
+
+
 def failure(errors: Sequence[tuple[str, str]]) -> dict[str, Any]:
     return {"ok": False, "errors": [{"field": field, "rule": rule} for field, rule in errors]}
 
@@ -63,7 +78,7 @@ def _parse(item: Any, context: dict[str, Any]) -> ScheduleRequest | list[tuple[s
     try:
         return ScheduleRequest.model_validate(item, context=context)
     except ValidationError as exc:
-        return problems(exc)
+        return named_problems(exc)
 
 
 def schedule_many(items: Sequence[Any]) -> list[dict[str, Any]]:

@@ -25,7 +25,7 @@ from config.settings import get_settings
 from worker import batch, booking
 from worker.lifecycle import fmt
 from worker.models import MeetingState
-from worker.requests import BookingRef, ScheduleRequest, problems
+from worker.requests import BookingRef, ScheduleRequest
 from worker.web.auth import UNAUTHORIZED, require_token
 from worker.web.problems import MEDIA_TYPE, RESPONSES, FieldProblem, Problem, bad_input, problem
 
@@ -195,7 +195,7 @@ def _ref(booking_id: str) -> str:
     try:
         return BookingRef.model_validate({"booking_id": booking_id}).booking_id
     except ValidationError as exc:
-        raise _Refused(bad_input(problems(exc))) from None
+        raise _Refused(bad_input(batch.named_problems(exc))) from None
 
 
 def _unknown(error: booking.UnknownBooking) -> JSONResponse:
@@ -280,7 +280,7 @@ async def schedule_batch(request: Request) -> JSONResponse:
     try:
         parsed = batch.ScheduleBatch.model_validate(data)
     except ValidationError as exc:
-        return bad_input(problems(exc))
+        return bad_input(batch.named_problems(exc))
     results = await run_in_threadpool(batch.schedule_many, parsed.bookings)
     return JSONResponse({"results": results})
 
@@ -325,7 +325,7 @@ async def put_booking(booking_id: str, request: Request) -> JSONResponse:
             data, context={"caller_prefix_max": get_settings().caller_prefix_max}
         )
     except ValidationError as exc:
-        return bad_input(problems(exc))
+        return bad_input(batch.named_problems(exc))
     view, created = await run_in_threadpool(_schedule, schedule)
     return JSONResponse(view, status_code=201 if created else 200)
 
