@@ -27,7 +27,9 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.registry import Collector
-from sqlalchemy import Engine, case, create_engine, event, func, select, text
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+from sqlalchemy import Connection, Engine, case, create_engine, event, func, select, text
 from sqlalchemy.engine import make_url
 from sqlmodel import col
 
@@ -46,8 +48,6 @@ BUDGET_PAUSED_KEY = "roomkeeper:budget:paused"
 LAG_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0, math.inf)
 # How long a check or a scrape may wait for the database or Redis.
 TIMEOUT_SECONDS = 2.0
-# Recording happens inside a worker's task: a Redis that is gone must not hold it up for long.
-RECORD_TIMEOUT_SECONDS = 0.5
 
 
 def _bound(value: float) -> str:
@@ -70,6 +70,9 @@ def _client() -> redis.Redis:
                 get_settings().broker_url,
                 socket_timeout=TIMEOUT_SECONDS,
                 socket_connect_timeout=TIMEOUT_SECONDS,
+                # One try: a worker's task must not wait out redis-py's retries for a metric, and
+                # a readiness check wants the answer of now.
+                retry=Retry(NoBackoff(), 0),
             )
         return _redis
 
@@ -96,6 +99,10 @@ def _read_engine() -> Engine:
 
             else:
                 seconds = math.ceil(TIMEOUT_SECONDS)
+                # Added to the URL's own options (a search_path, say), which connect_args would replace.
+                options = make_url(url).query.get("options") or ""
+                if not isinstance(options, str):
+                    options = " ".join(options)
                 _engine = create_engine(
                     url,
                     pool_pre_ping=True,
@@ -104,7 +111,7 @@ def _read_engine() -> Engine:
                     pool_timeout=TIMEOUT_SECONDS,
                     connect_args={
                         "connect_timeout": seconds,
-                        "options": f"-c statement_timeout={seconds * 1000}",
+                        "options": f"{options} -c statement_timeout={seconds * 1000}".strip(),
                     },
                 )
         return _engine
@@ -193,26 +200,20 @@ def describe(error: BaseException) -> str:
     return f"{name}: {first}" if first else name
 
 
-def _sqlite_file_missing(url: str) -> str | None:
-    if not url.startswith("sqlite"):
-        return None
-    database = make_url(url).database
-    if (
-        database
-        and database != ":memory:"
-        and not database.startswith("file:")
-        and not Path(database).exists()
-    ):
-        return "no database file (run `roomkeeper migrate`)"
-    return None
+def _connect() -> Connection:
+    """A connection for reads. A SQLite file that is not there is an error, not created empty."""
+    url = store.sqlalchemy_url(get_settings().database_url)
+    if url.startswith("sqlite"):
+        database = make_url(url).database or ":memory:"
+        on_disk = database != ":memory:" and not database.startswith("file:")
+        if on_disk and not Path(database).exists():
+            raise FileNotFoundError("no database file (run `roomkeeper migrate`)")
+    return _read_engine().connect()
 
 
 def check_database() -> None:
     """Raise unless the store answers a query on the migrated schema."""
-    missing = _sqlite_file_missing(store.sqlalchemy_url(get_settings().database_url))
-    if missing:
-        raise FileNotFoundError(missing)
-    with _read_engine().connect() as connection:
+    with _connect() as connection:
         connection.execute(text("SELECT 1"))
         connection.execute(select(col(Meeting.id)).limit(1))  # a store that was never migrated is not ready
 
@@ -258,7 +259,7 @@ def read_store(now: datetime | None = None) -> StoreFigures:
     now = now or utcnow()
     meetings = {state.value: 0 for state in MeetingState}
     live = col(Room.state) == RoomState.LIVE
-    with _read_engine().connect() as connection:
+    with _connect() as connection:
         for state, count in connection.execute(
             select(col(Meeting.state), func.count()).group_by(col(Meeting.state))
         ):
