@@ -18,7 +18,8 @@ import logging
 import re
 from collections.abc import Iterator, Sequence
 from datetime import datetime
-from typing import Annotated, Any
+from types import SimpleNamespace
+from typing import Annotated, Any, cast
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy import insert
@@ -203,7 +204,9 @@ def _store(chunk: list[tuple[int, ScheduleRequest]], after: AfterCommit) -> list
             )
             for (index, row), pk in zip(fresh, pks, strict=True):
                 after.due(Meeting, pk, row["due_at"], now)
-                out.append((index, success(view(Meeting(id=pk, **row), None), created=True)))
+                # The view reads attributes only: a namespace costs a tenth of a Meeting object.
+                shown = cast(Meeting, SimpleNamespace(id=pk, **row))
+                out.append((index, success(view(shown, None), created=True)))
     return out
 
 
