@@ -9,85 +9,27 @@ runs every state against every input as a table.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta
+from dataclasses import replace
+from datetime import datetime
 from typing import Any
 
 from config.settings import Settings
-from worker import lifecycle, whereby
-from worker.models import TERMINAL_STATES, MeetingState, RoomState
+from worker import lifecycle, overrun, whereby
+from worker.facts import EARLY_SLACK, NOTHING, RELEASE, Change, MeetingFacts, RoomFacts, S
+from worker.models import TERMINAL_STATES, RoomState
+from worker.overrun import occupancy_changed, probe_failed, session_probed
 
-S = MeetingState
-
-# A task that runs this much before its due instant (clock skew between hosts) still acts.
-EARLY_SLACK = timedelta(seconds=2)
-RELEASE: Mapping[str, Any] = {"claim_token": None, "claim_until": None}
-
-
-@dataclass(frozen=True)
-class MeetingFacts:
-    """What the rules read of a meeting row (after a reschedule: its new times already)."""
-
-    state: MeetingState
-    create_at: datetime
-    room_end: datetime
-    due_at: datetime | None = None
-    attempts: int = 0
-    replacing: bool = False
-    room_id: int | None = None  # the current room
-    # How long past room_end a room with people inside may be kept (ROOMKEEPER_OVERRUN_MAX_SECONDS).
-    overrun: timedelta = timedelta(0)
-
-    @property
-    def end_date(self) -> datetime:
-        """The Whereby endDate a room of this meeting needs: room_end plus the longest overrun."""
-        return self.room_end + self.overrun
-
-    @property
-    def overrun_cap(self) -> datetime:
-        """The latest instant a room of this meeting may live, whoever is inside."""
-        return self.room_end + self.overrun
-
-
-@dataclass(frozen=True)
-class RoomFacts:
-    """What the rules read of one Whereby room row."""
-
-    id: int
-    state: RoomState
-    end_date: datetime
-    due_at: datetime | None = None
-    retired_reason: str | None = None
-    whereby_id: str | None = None
-    participants: int | None = None  # from Whereby's webhooks; None: no event told
-    occupancy_at: datetime | None = None  # createdAt of the newest event applied
-    overrun_since: datetime | None = None  # the end came with people inside
-
-
-@dataclass(frozen=True)
-class Change:
-    state: MeetingState | None = None  # the meeting's new state; None leaves it
-    why: str = ""  # the reason written beside a state change
-    meeting: Mapping[str, Any] = field(default_factory=dict)  # meeting columns to set
-    room: Mapping[str, Any] = field(default_factory=dict)  # columns of the room the input is about
-    # Rooms retired as "replaced" are deleted no later than this (their replacement is ready, or
-    # no replacement is coming).
-    retire_replaced: datetime | None = None
-    event: str | None = None  # sent to the caller's notify once the change has committed
-    note: str | None = None  # a history line besides the state change
-    note_outcome: str = ""
-    act: bool = False  # the caller may go on and call Whereby
-    probe: bool = False  # ask Whereby whether a session is going on before acting (`session_probed`)
-    outcome: str = ""  # what the task reports
-
-    @property
-    def changes_meeting(self) -> bool:
-        return self.state is not None or any(name not in RELEASE for name in self.meeting)
-
-
-NOTHING = Change()
-
+__all__ = [
+    "EARLY_SLACK",
+    "NOTHING",
+    "RELEASE",
+    "Change",
+    "MeetingFacts",
+    "RoomFacts",
+    "occupancy_changed",
+    "probe_failed",
+    "session_probed",
+]
 
 # --------------------------------------------------------------------------------------------
 # The caller's inputs.
@@ -334,97 +276,8 @@ def deletion_due(meeting: MeetingFacts, room: RoomFacts, now: datetime, *, webho
         if not webhooks:
             return Change(act=True, probe=True, outcome="asking Whereby whether a session is going on")
         if room.participants:
-            return _held(meeting, room, now, meeting.overrun_cap, f"{room.participants} in the room")
-    return _deleting(ending, room)
-
-
-def _deleting(ending: bool, room: RoomFacts) -> Change:
-    return Change(
-        state=S.DELETING if ending else None, why=f"room {room.whereby_id}", act=True, outcome="deleting"
-    )
-
-
-def _held(meeting: MeetingFacts, room: RoomFacts, now: datetime, until: datetime, why: str) -> Change:
-    """The end has come with people inside: keep the room until `until` (never past the cap)."""
-    until = min(until, meeting.overrun_cap)
-    first = room.overrun_since is None
-    return Change(
-        room={"due_at": until, "overrun_since": room.overrun_since or now, **RELEASE},
-        event="room.overrunning" if first else None,
-        note=f"deletion of room {room.whereby_id} held: {why}",
-        note_outcome=f"until {lifecycle.fmt(until)} at the latest",
-        outcome=f"held: {why}",
-    )
-
-
-def session_probed(
-    meeting: MeetingFacts,
-    room: RoomFacts,
-    now: datetime,
-    *,
-    ongoing: bool,
-    last_ended: datetime | None,
-    poll: timedelta,
-    rejoin_grace: timedelta,
-) -> Change:
-    """Whereby's insights answered (no webhooks): a session still going on holds the deletion and
-    is asked about again after `poll`; a room emptied moments ago waits out the rejoin grace."""
-    if ongoing:
-        return _held(meeting, room, now, now + poll, "Whereby reports a session going on")
-    if (
-        room.overrun_since is not None
-        and last_ended is not None
-        and last_ended + rejoin_grace > now + EARLY_SLACK
-    ):
-        return _held(
-            meeting, room, now, last_ended + rejoin_grace, "emptied moments ago; waiting for a rejoin"
-        )
-    return _deleting(meeting.room_id == room.id and meeting.state == S.READY, room)
-
-
-def probe_failed(
-    meeting: MeetingFacts, room: RoomFacts, now: datetime, retry_at: datetime, reason: str
-) -> Change:
-    """Whereby could not say whether a session is going on: never cut a meeting short on a guess;
-    ask again at `retry_at` (the cap still bounds the wait)."""
-    return Change(
-        room={"due_at": min(retry_at, meeting.overrun_cap), **RELEASE},
-        note="could not ask Whereby about the room's session",
-        note_outcome=reason,
-        outcome=f"probe failed: {reason}",
-    )
-
-
-def occupancy_changed(
-    meeting: MeetingFacts,
-    room: RoomFacts,
-    participants: int,
-    at: datetime,
-    now: datetime,
-    *,
-    rejoin_grace: timedelta,
-) -> Change:
-    """A webhook said `participants` people are in the room as of `at` (its createdAt).
-
-    An event older than the newest one applied changes nothing. The first person in sends
-    `room.occupied`, the last one out `room.empty`. In a room held past its end, the last one out
-    brings the deletion to `at` + rejoin grace, and a rejoin puts it back at the cap."""
-    if room.occupancy_at is not None and at < room.occupancy_at:
-        return Change(outcome="ignored: older than the newest event applied")
-    was = room.participants or 0
-    columns: dict[str, Any] = {"participants": participants, "occupancy_at": at}
-    if room.participants is None or (was > 0) != (participants > 0):
-        columns["occupancy_since"] = at
-    current = meeting.room_id == room.id and room.state == RoomState.LIVE
-    event = None
-    if current and was == 0 and participants > 0:
-        event = "room.occupied"
-    elif current and was > 0 and participants == 0:
-        event = "room.empty"
-    if current and meeting.state == S.READY and room.overrun_since is not None:
-        due = max(at + rejoin_grace, now) if participants == 0 else meeting.overrun_cap
-        columns["due_at"] = min(due, meeting.overrun_cap)
-    return Change(room=columns, event=event, outcome=f"{participants} in the room")
+            return overrun.held(meeting, room, now, meeting.overrun_cap, f"{room.participants} in the room")
+    return overrun.deleting(ending, room)
 
 
 def room_deleted(meeting: MeetingFacts, room: RoomFacts, now: datetime, *, existed: bool) -> Change:
