@@ -74,4 +74,6 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
         "recover-overdue-work": entry("rooms.recover_overdue", settings.recover_interval_seconds),
         "reconcile-with-whereby": entry("rooms.reconcile", settings.reconcile_interval_seconds),
         "apply-stored-webhooks": entry("rooms.sweep_webhooks", settings.recover_interval_seconds),
+        # Retries of events to notify URLs that wait in the store, and chains whose run died.
+        "deliver-due-events": entry("rooms.dispatch_deliveries", settings.dispatch_interval_seconds),
     }

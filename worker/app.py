@@ -21,7 +21,10 @@ from worker import celery_fixes, redact, runtime
 
 celery_fixes.install()
 
-app = Celery("roomkeeper", include=["tasks.meetings", "tasks.rooms", "tasks.scheduled", "tasks.webhooks"])
+app = Celery(
+    "roomkeeper",
+    include=["tasks.meetings", "tasks.rooms", "tasks.scheduled", "tasks.webhooks", "tasks.events"],
+)
 app.config_from_object(celery_config(get_settings()))
 
 

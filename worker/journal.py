@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import uuid
 from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
@@ -14,7 +16,16 @@ from sqlmodel import Session
 from config.settings import get_settings
 from worker import metrics, whereby
 from worker.lifecycle import fmt
-from worker.models import History, Meeting, Outbox, Room, RoomState, utcnow
+from worker.models import (
+    DeliveryState,
+    EventDelivery,
+    History,
+    Meeting,
+    Outbox,
+    Room,
+    RoomState,
+    utcnow,
+)
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +35,9 @@ log = logging.getLogger(__name__)
 APPENDED = "roomkeeper.appended"  # session.info key: {model: [row, ...]} to insert at commit
 
 
-def _append(session: Session, model: type[History] | type[Outbox], row: dict[str, Any]) -> None:
+def _append(
+    session: Session, model: type[History] | type[Outbox] | type[EventDelivery], row: dict[str, Any]
+) -> None:
     session.info.setdefault(APPENDED, {}).setdefault(model, []).append(row)
 
 
@@ -98,7 +111,7 @@ def view(meeting: Meeting, room: Room | None) -> dict[str, Any]:
 
 
 def emit(session: Session, meeting: Meeting, room: Room | None, event: str, now: datetime) -> bool:
-    """Queue an event for the caller's notify task; it leaves only once this transaction commits.
+    """Queue an event for the caller's notify; it leaves only once this transaction commits.
 
     Returns whether an outbox row was queued (so the commit should be followed by a flush)."""
     note(session, meeting.booking_id, "event", event)
@@ -110,16 +123,46 @@ def emit(session: Session, meeting: Meeting, room: Room | None, event: str, now:
         "meeting": view(meeting, room),
         "occurred_at": fmt(now),
     }
+    url = meeting.notify.get("url")
+    if url:
+        # A notify URL: the delivery row holds the event and its signed POST's retries; the
+        # outbox row, sent after commit like any event, wakes the booking's delivery task.
+        _append(session, EventDelivery, delivery_row(meeting.booking_id, event, url, kwargs, now))
+        task, queue, kwargs = DELIVER_TASK, get_settings().queue, {"booking_id": meeting.booking_id}
+    else:
+        task, queue = meeting.notify["task"], meeting.notify["queue"]
     _append(
         session,
         Outbox,
         {
             "created_at": now,
             "booking_id": meeting.booking_id,
-            "task": meeting.notify["task"],
-            "queue": meeting.notify["queue"],
+            "task": task,
+            "queue": queue,
             "kwargs": kwargs,
             "pending": True,
         },
     )
     return True
+
+
+# The task that POSTs a booking's events to its notify URL (tasks/events.py).
+DELIVER_TASK = "rooms.deliver_events"
+
+
+def delivery_row(
+    booking_id: str, event: str, url: str, kwargs: dict[str, Any], now: datetime
+) -> dict[str, Any]:
+    return {
+        "delivery_id": str(uuid.uuid4()),
+        "booking_id": booking_id,
+        "event": event,
+        "url": url,
+        # Serialised once: every attempt sends (and signs) the very same bytes.
+        "body": json.dumps(kwargs, separators=(",", ":")),
+        "created_at": now,
+        "due_at": now,
+        "pending": True,
+        "state": DeliveryState.PENDING,
+        "attempts": 0,
+    }

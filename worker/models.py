@@ -212,3 +212,50 @@ class ApiToken(SQLModel, table=True):
     created_at: datetime = _ts(nullable=False)
     last_used_at: datetime | None = _ts()
     revoked_at: datetime | None = _ts()
+
+
+class DeliveryState(enum.StrEnum):
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    UNDELIVERED = "undelivered"  # tried for ROOMKEEPER_NOTIFY_RETRY_HOURS, then given up
+
+
+class EventDelivery(SQLModel, table=True):
+    """An event for a caller's notify URL (CONTRACT §4.4): its signed POST, retries and outcome."""
+
+    __tablename__ = "event_delivery"
+    # Only pending rows are ever looked for: a booking's oldest (the head of its chain: events of
+    # one booking go in order) and, for beat's sweep, those due. Partial indexes hold just them.
+    __table_args__ = (
+        Index(
+            "ix_event_delivery_pending",
+            "booking_id",
+            "id",
+            sqlite_where=text(UNSENT["sqlite"]),
+            postgresql_where=text(UNSENT["postgresql"]),
+        ),
+        Index(
+            "ix_event_delivery_due",
+            "due_at",
+            sqlite_where=text(UNSENT["sqlite"]),
+            postgresql_where=text(UNSENT["postgresql"]),
+        ),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    # Sent as Roomkeeper-Delivery: the same on every attempt, so receivers can drop repeats.
+    delivery_id: str = Field(sa_column=Column(String(36), nullable=False, unique=True))
+    booking_id: str = Field(sa_column=Column(String(200), nullable=False))
+    event: str = Field(sa_column=Column(String(64), nullable=False))
+    url: str = Field(sa_column=Column(Text, nullable=False))  # may hold a secret in its query string
+    body: str = Field(sa_column=Column(Text, nullable=False))  # the exact bytes signed and sent
+    created_at: datetime = _ts(nullable=False)
+    due_at: datetime = _ts(nullable=False)  # the next attempt
+    pending: bool = True
+    state: str = Field(sa_column=Column(String(16), nullable=False))
+    attempts: int = 0
+    claim_token: str | None = Field(default=None, sa_column=Column(String(40), nullable=True))
+    claim_until: datetime | None = _ts()
+    last_status: int | None = None
+    last_error: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    finished_at: datetime | None = _ts()

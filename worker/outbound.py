@@ -31,6 +31,34 @@ def _addresses(host: str) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]
     return [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos]
 
 
+# IPv6 forms that carry an IPv4 address the connection really reaches: NAT64 (RFC 6052, 8215) and
+# the deprecated IPv4-compatible form. Python's `is_global` judges them by the IPv6 prefix alone.
+_NAT64 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
+_V4_COMPATIBLE = ipaddress.ip_network("::/96")
+
+
+def _embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    if address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    if address.sixtofour is not None:
+        return address.sixtofour
+    if address.teredo is not None:
+        return address.teredo[1]  # the client's address
+    if any(address in network for network in (*_NAT64, _V4_COMPATIBLE)):
+        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    return None
+
+
+def is_public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Whether the service may connect to `address` on a caller's behalf."""
+    if isinstance(address, ipaddress.IPv6Address):
+        embedded = _embedded_ipv4(address)
+        if embedded is not None and not is_public(embedded):
+            return False
+    # `is_global` leaves multicast (224/4, ff00::/8) global; nothing the service POSTs to is there.
+    return address.is_global and not address.is_multicast
+
+
 def check_url(url: str, settings: Settings, *, resolve: bool = True) -> str:
     """Return `url` if the service may call it, else raise OutboundRefused naming the rule."""
     try:
@@ -52,7 +80,7 @@ def check_url(url: str, settings: Settings, *, resolve: bool = True) -> str:
     if not resolve:
         return url
     for address in _addresses(host):
-        if not address.is_global:
+        if not is_public(address):
             raise OutboundRefused(
                 f"host {host!r} is a private, loopback or reserved address ({address}); list it in "
                 "ROOMKEEPER_OUTBOUND_ALLOWED_HOSTS to allow it"

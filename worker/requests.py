@@ -11,16 +11,22 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SerializerFunctionWrapHandler,
     StrictBool,
     StrictStr,
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_serializer,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
 
+from config.settings import Settings, get_settings
+from worker.outbound import OutboundRefused, check_url
+
 MAX_METADATA_BYTES = 4096
+MAX_URL_LENGTH = 2000
 M = TypeVar("M", bound="BaseModel")
 
 
@@ -122,10 +128,48 @@ class RoomOptions(_Request):
 
 
 class Notify(_Request):
+    """Where events go: `{"task", "queue"}` (a Celery task, CONTRACT §2.5) or `{"url"}` (§4.4)."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    task: Annotated[StrictStr, Field(min_length=1, max_length=200)]
-    queue: Annotated[StrictStr, Field(min_length=1, max_length=200)]
+    task: Annotated[StrictStr, Field(min_length=1, max_length=200)] | None = None
+    queue: Annotated[StrictStr, Field(min_length=1, max_length=200)] | None = None
+    url: Annotated[StrictStr, Field(min_length=1, max_length=MAX_URL_LENGTH)] | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _url_allowed(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None:
+            return None
+        settings: Settings = (info.context or {}).get("settings") or get_settings()
+        if settings.notify_signing_secret is None:
+            raise ValueError(
+                "events to a URL are signed, and this service has no ROOMKEEPER_NOTIFY_SIGNING_SECRET "
+                "set; use a notify task or ask its operator to set one"
+            )
+        try:
+            check_url(value, settings)
+        except OutboundRefused as exc:
+            raise ValueError(str(exc)) from None
+        return value
+
+    @model_validator(mode="after")
+    def _one_target(self) -> Notify:
+        if self.url is not None:
+            if self.task is not None or self.queue is not None:
+                raise ValueError('give either {"url"} or {"task", "queue"}, not both')
+            return self
+        if self.task is None and self.queue is None:
+            raise ValueError('must be {"task": NAME, "queue": QUEUE} or {"url": "https://..."}')
+        for name in ("task", "queue"):
+            if getattr(self, name) is None:
+                raise PydanticCustomError("sub_field", "{rule}", {"field": name, "rule": "is required"})
+        return self
+
+    @model_serializer(mode="wrap")
+    def _given_keys(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # Stored as the caller gave it: a task notify keeps exactly its {"task", "queue"}.
+        return {key: value for key, value in handler(self).items() if value is not None}
 
 
 class ScheduleRequest(_Request):
@@ -214,6 +258,9 @@ def problems(exc: ValidationError) -> list[tuple[str, str]]:
         if error["type"] == "unstorable_text":
             for path, rule in error["ctx"]["problems"]:
                 found.append((".".join([*loc, *path]), rule))
+            continue
+        if error["type"] == "sub_field":  # a model's own rule about one of its fields
+            found.append((".".join([*loc, error["ctx"]["field"]]), error["ctx"]["rule"]))
             continue
         message = _PREFIX.sub("", error["msg"])
         if error["type"] == "extra_forbidden":

@@ -1,0 +1,16 @@
+"""Events POSTed to callers' notify URLs (CONTRACT §4.4): one booking's chain, and beat's sweep."""
+
+from __future__ import annotations
+
+from worker import delivery
+from worker.app import app
+
+
+@app.task(name="rooms.deliver_events", ignore_result=True)
+def deliver_events(booking_id: str, claim: str | None = None) -> dict[str, int]:
+    return delivery.deliver(booking_id, claim)
+
+
+@app.task(name="rooms.dispatch_deliveries")
+def dispatch_deliveries() -> int:
+    return delivery.dispatch_due()
