@@ -16,7 +16,7 @@ import json
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
@@ -149,8 +149,28 @@ def _batch_schema() -> dict[str, Any]:
     }
 
 
-def _body(schema: dict[str, Any]) -> dict[str, Any]:
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+EXAMPLE = {
+    "start": "2099-12-01T09:00:00+01:00",
+    "end": "2099-12-01T09:45:00+01:00",
+    "room": {"room_mode": "group", "fields": ["hostRoomUrl"]},
+    "metadata": {"patient": "p-42"},
+}
+BATCH_EXAMPLE = {
+    "bookings": [
+        {"booking_id": "booking-8812", **EXAMPLE},
+        {"booking_id": "booking-8813", "start": "2099-12-01T10:00:00Z", "end": "2099-12-01T10:30:00Z"},
+    ]
+}
+
+
+def _body(schema: dict[str, Any], example: dict[str, Any]) -> dict[str, Any]:
+    content = {"application/json": {"schema": schema, "example": example}}
+    return {"requestBody": {"required": True, "content": content}}
+
+
+BookingId = Annotated[
+    str, Path(description="the caller's own key, 1 to 200 characters", examples=["booking-8812"])
+]
 
 
 def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
@@ -270,7 +290,7 @@ async def list_bookings(
     ),
     response_model=BatchAnswer,
     responses=_errors(413),
-    openapi_extra=_body(_batch_schema()),
+    openapi_extra=_body(_batch_schema(), BATCH_EXAMPLE),
 )
 async def schedule_batch(request: Request) -> JSONResponse:
     try:
@@ -291,7 +311,7 @@ async def schedule_batch(request: Request) -> JSONResponse:
     response_model=list[HistoryEntry],
     responses=_errors(404),
 )
-async def booking_history(booking_id: str) -> JSONResponse:
+async def booking_history(booking_id: BookingId) -> JSONResponse:
     try:
         ref = _ref(booking_id)
         return JSONResponse(await run_in_threadpool(_history, ref))
@@ -310,9 +330,9 @@ async def booking_history(booking_id: str) -> JSONResponse:
         200: {"model": MeetingView, "description": "an existing booking, rescheduled"},
         **_errors(413),
     },
-    openapi_extra=_body(_put_schema()),
+    openapi_extra=_body(_put_schema(), EXAMPLE),
 )
-async def put_booking(booking_id: str, request: Request) -> JSONResponse:
+async def put_booking(booking_id: BookingId, request: Request) -> JSONResponse:
     try:
         data = await _json_object(request)
     except _Refused as refused:
@@ -336,7 +356,7 @@ async def put_booking(booking_id: str, request: Request) -> JSONResponse:
     response_model=MeetingView,
     responses=_errors(404),
 )
-async def get_booking(booking_id: str) -> JSONResponse:
+async def get_booking(booking_id: BookingId) -> JSONResponse:
     try:
         return JSONResponse(await run_in_threadpool(booking.get_meeting, _ref(booking_id)))
     except _Refused as refused:
@@ -351,7 +371,7 @@ async def get_booking(booking_id: str) -> JSONResponse:
     response_model=MeetingView,
     responses=_errors(404),
 )
-async def cancel_booking(booking_id: str) -> JSONResponse:
+async def cancel_booking(booking_id: BookingId) -> JSONResponse:
     try:
         return JSONResponse(await run_in_threadpool(booking.cancel_meeting, _ref(booking_id)))
     except _Refused as refused:
