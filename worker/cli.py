@@ -147,7 +147,7 @@ def run() -> None:
     flower_port = int(os.environ.get("PORT", "5555"))
     console.print(f"Flower: http://127.0.0.1:{flower_port}")
     web_url = f"http://127.0.0.1:{get_settings().web_port}"
-    console.print(f"Web: {web_url} (health {web_url}/readyz, metrics {web_url}/metrics)")
+    console.print(f"Web: {web_url} (/healthz, /readyz, /metrics)", soft_wrap=True)
     sys.exit(run_processes(names, process_env(overrides), ports={"flower": flower_port}))
 
 
