@@ -10,9 +10,11 @@ same figures are written to var/bench.json.
 
 Phases: precision (N meetings whose ends fall within one minute), naive (the same load through
 a Celery task per meeting with `eta`, plus its visibility-timeout duplicates), intake (10,000
-bookings sent at once), throughput (creations a second by worker concurrency), store (dispatcher
-tick and reconciler pass with 10k..1M stored meetings, SQLite and PostgreSQL), budget (100 points
-a minute and more work than that). Peak memory of the worker and beat is read off every phase.
+bookings sent at once), bookings (bookings a second one at a time and in batches, over Celery
+and HTTP, beside the naive recipe's sends), throughput (creations a second by worker concurrency),
+store (dispatcher tick and reconciler pass with 10k..1M stored meetings, SQLite and PostgreSQL),
+budget (100 points a minute and more work than that). Peak memory of the worker and beat is read
+off every phase.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ from tests.harness import parse
 from worker.localredis import EmbeddedRedis
 from worker.localredis import answers as redis_answers
 
-PHASES = ("precision", "naive", "intake", "throughput", "store", "budget")
+PHASES = ("precision", "naive", "intake", "bookings", "throughput", "store", "budget")
 DEFAULT_POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
 SEND_TIMEOUT = 600.0
 
@@ -451,6 +453,13 @@ def phase_naive(args: argparse.Namespace, rng: random.Random) -> dict[str, Any]:
     return figures
 
 
+def phase_bookings(args: argparse.Namespace, rng: random.Random) -> dict[str, Any]:
+    """Bookings a second, one at a time and in batches, over Celery and HTTP (bench/bookings.py)."""
+    from bench import bookings
+
+    return bookings.phase(args)
+
+
 RUNNERS: dict[str, Callable[[argparse.Namespace, random.Random], dict[str, Any]]] = {
     "precision": phase_precision,
     "naive": phase_naive,
@@ -458,6 +467,7 @@ RUNNERS: dict[str, Callable[[argparse.Namespace, random.Random], dict[str, Any]]
     "throughput": phase_throughput,
     "store": phase_store,
     "budget": phase_budget,
+    "bookings": phase_bookings,
 }
 
 
@@ -503,6 +513,10 @@ def table(report: dict[str, Any]) -> str:
             f"intake: {f['bookings']} bookings sent at once, all stored and answered in {f['answered_s']} s "
             f"= {f['bookings_per_s']} bookings/s"
         )
+    if "bookings" in phases:
+        from bench import bookings
+
+        lines.extend(bookings.lines(phases["bookings"]))
     if "throughput" in phases:
         f = phases["throughput"]
         lines.append(f"throughput (pool {f['pool']}, sandbox latency {f['latency_ms']} ms, budget off):")
