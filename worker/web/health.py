@@ -17,9 +17,10 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, CollectorRegistry
 from prometheus_client.exposition import choose_encoder
+from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from worker import metrics
@@ -56,14 +57,24 @@ async def _check(name: str, check: Callable[[], None]) -> str | None:
     return None
 
 
+class Healthy(BaseModel):
+    status: str = "ok"
+
+
+class Ready(BaseModel):
+    status: str = "ok"
+    checks: dict[str, str]  # each source checked, "ok"
+
+
 @router.get("/healthz", summary="Liveness: 200 while the process serves")
-async def healthz() -> dict[str, str]:
-    return {"status": "ok"}
+async def healthz() -> Healthy:
+    return Healthy()
 
 
 @router.get(
     "/readyz",
     summary="Readiness: 200 when the database and Redis answer, 503 naming the one that does not",
+    response_model=Ready,
     responses={
         503: {
             "model": Problem,
@@ -72,7 +83,7 @@ async def healthz() -> dict[str, str]:
         }
     },
 )
-async def readyz() -> Any:
+async def readyz() -> Any:  # Ready, or the 503 problem
     global _last_ready
     failures = [
         failure
@@ -90,7 +101,7 @@ async def readyz() -> Any:
         _last_ready = ready
     if failures:
         return problem(503, "Service Unavailable", "; ".join(failures))
-    return JSONResponse({"status": "ok", "checks": {"database": "ok", "redis": "ok"}})
+    return Ready(checks={"database": "ok", "redis": "ok"})
 
 
 def _registry(request: Request) -> CollectorRegistry:
