@@ -116,6 +116,9 @@ def test_serving_ready_metrics_and_sigterm(database: str) -> None:
         log = server.output()
         assert "Shutting down" in log and "Finished server process" in log, log
         assert "Traceback" not in log
+        # Successful probes and scrapes leave no access line (they come every few seconds).
+        assert '"GET /openapi.json HTTP/1.1" 200' in log
+        assert "GET /healthz" not in log and "GET /readyz" not in log and "GET /metrics" not in log
         with pytest.raises(httpx.TransportError):
             server.get("/healthz")
 
@@ -133,7 +136,9 @@ def test_redis_down_is_named_and_the_process_still_serves(database: str) -> None
         assert up == {"database": 1.0, "redis": 0.0}
         server.process.terminate()
         server.process.wait(timeout=20)
-        assert PASSWORD not in server.output()
+        log = server.output()
+        assert PASSWORD not in log
+        assert '"GET /readyz HTTP/1.1" 503' in log  # a failed probe is logged
 
 
 def test_a_redis_that_never_answers_is_named_within_the_deadline(database: str) -> None:

@@ -28,6 +28,24 @@ from worker.web.problems import MEDIA_TYPE, Problem, problem
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["health"])
+PROBES = frozenset({"/healthz", "/readyz", "/metrics"})
+
+
+class QuietProbes(logging.Filter):
+    """Drops uvicorn's access line of each successful probe and scrape (one every few seconds,
+    from every load balancer and Prometheus); failures are still logged."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) == 5:  # client, method, path, http version, status
+            _client, method, path, _version, status = args
+            return not (method == "GET" and path in PROBES and isinstance(status, int) and status < 400)
+        return True
+
+
+_access = logging.getLogger("uvicorn.access")
+if not any(isinstance(f, QuietProbes) for f in _access.filters):
+    _access.addFilter(QuietProbes())
 
 # The checks block on sockets: they run on threads of their own, so a hung database cannot take
 # the threads the routes run on. Their sockets time out soon after the deadline, so these few
