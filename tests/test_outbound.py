@@ -9,17 +9,19 @@ import json
 import random
 import re
 import shutil
+import socket
 import subprocess
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from config.settings import Settings
 from worker import delivery
-from worker.outbound import OutboundRefused, check_url, is_public
+from worker.outbound import OutboundRefused, check_url, is_public, pinned
 from worker.requests import InvalidRequest, ScheduleRequest, validate
 from worker.signing import receiver, shown_url, signature
 
@@ -280,3 +282,95 @@ def test_delivery_slots_leave_room_work_its_share() -> None:
     assert not slots.acquire("d"), "deliveries never take more than their slots"
     slots.release("a")
     assert slots.acquire("d")
+
+
+# --------------------------------------------------------------------------------------------
+# The request goes to the address that was checked (no DNS rebinding between check and connect).
+
+
+def test_a_request_is_pinned_to_the_checked_address_keeping_host_and_tls_name() -> None:
+    v4, v6 = ipaddress.ip_address("1.1.1.1"), ipaddress.ip_address("2606:4700::1111")
+    assert pinned("https://hooks.example.com/a/b?t=1", v4) == (
+        "https://1.1.1.1/a/b?t=1",
+        {"Host": "hooks.example.com"},
+        {"sni_hostname": "hooks.example.com"},
+    )
+    assert pinned("https://hooks.example.com:8443/x", v6) == (
+        "https://[2606:4700::1111]:8443/x",
+        {"Host": "hooks.example.com:8443"},
+        {"sni_hostname": "hooks.example.com"},
+    )
+    # Listed hosts (None) and address literals go as they are.
+    assert pinned("http://127.0.0.1:9/x", None) == ("http://127.0.0.1:9/x", {}, {})
+    assert pinned("https://1.1.1.1/x", v4) == ("https://1.1.1.1/x", {}, {})
+
+
+def _head(url: str) -> delivery.Head:
+    now = datetime.now(UTC)
+    body = '{"event":"room.ready","booking_id":"b-1","meeting":{},"occurred_at":"x"}'
+    return delivery.Head(1, "d-1", "b-1", "room.ready", url, body, now, now, 0, None, None)
+
+
+def test_post_connects_to_the_address_it_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    answers = iter(["1.1.1.1", "127.0.0.1"])  # a rebinding name: public when checked, then loopback
+
+    def getaddrinfo(host: str, *_: Any, **__: Any) -> list[Any]:
+        assert host == "hooks.example.com"
+        return [(2, 1, 6, "", (next(answers), 0))]
+
+    seen: list[Any] = []
+
+    def handler(request: Any) -> Any:
+        seen.append(request)
+        return httpx.Response(204)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    monkeypatch.setattr(delivery, "_client", httpx.Client(transport=httpx.MockTransport(handler)))
+    outcome = delivery.post(_head("https://hooks.example.com/in?token=t0k"), SIGNED)
+    assert outcome.delivered and outcome.status == 204
+    (request,) = seen
+    assert request.url.host == "1.1.1.1" and request.url.query == b"token=t0k"
+    assert request.headers["host"] == "hooks.example.com"
+    assert request.extensions["sni_hostname"] == "hooks.example.com"
+    assert verify_from_contract("s" * 32, request.headers["roomkeeper-signature"], request.content)
+    # The next attempt resolves again, and refuses the loopback answer without connecting.
+    refused_outcome = delivery.post(_head("https://hooks.example.com/in?token=t0k"), SIGNED)
+    assert not refused_outcome.delivered and "refused: host 'hooks.example.com'" in refused_outcome.error
+    assert len(seen) == 1
+    delivery._reset()
+
+
+@pytest.mark.parametrize(
+    ("status", "delivered", "error"),
+    [
+        (200, True, ""),
+        (202, True, ""),
+        (301, False, "HTTP 301 (redirects are not followed)"),
+        (410, False, "HTTP 410"),
+    ],
+)
+def test_only_2xx_is_delivered_and_redirects_are_not_followed(
+    monkeypatch: pytest.MonkeyPatch, status: int, delivered: bool, error: str
+) -> None:
+    calls: list[str] = []
+
+    def handler(request: Any) -> Any:
+        calls.append(str(request.url))
+        return httpx.Response(status, headers={"Location": "http://127.0.0.1/elsewhere"})
+
+    monkeypatch.setattr(delivery, "_client", httpx.Client(transport=httpx.MockTransport(handler)))
+    outcome = delivery.post(_head("https://1.1.1.1/in"), SIGNED)
+    assert (outcome.delivered, outcome.error) == (delivered, error)
+    assert calls == ["https://1.1.1.1/in"]
+    delivery._reset()
+
+
+def test_transport_errors_are_described_without_the_query_string(monkeypatch: pytest.MonkeyPatch) -> None:
+    def handler(request: Any) -> Any:
+        raise httpx.ConnectError(f"cannot reach {request.url}")
+
+    monkeypatch.setattr(delivery, "_client", httpx.Client(transport=httpx.MockTransport(handler)))
+    outcome = delivery.post(_head("https://1.1.1.1/in?token=t0k"), SIGNED)
+    assert not outcome.delivered
+    assert outcome.error == "ConnectError: cannot reach https://1.1.1.1/in"
+    delivery._reset()

@@ -35,7 +35,7 @@ from worker import journal, runtime
 from worker.app import app
 from worker.dispatch import dispatch_horizon
 from worker.models import DeliveryState, EventDelivery, utcnow
-from worker.outbound import OutboundRefused, check_url
+from worker.outbound import OutboundRefused, connect_address, pinned
 from worker.signing import receiver, shown_url, signature
 from worker.store import session_scope
 
@@ -185,8 +185,8 @@ def post(head: Head, settings: Settings) -> Outcome:
         return failed("ROOMKEEPER_NOTIFY_SIGNING_SECRET is not set: events are not sent unsigned")
     try:
         # Again before each request: the allow-list may have changed, or the name now points
-        # somewhere private.
-        check_url(head.url, settings)
+        # somewhere private. The request then goes to the very address that was checked.
+        url, pinned_headers, extensions = pinned(head.url, connect_address(head.url, settings))
     except OutboundRefused as exc:
         return failed(f"refused: {exc}")
     body = head.body.encode()
@@ -195,15 +195,18 @@ def post(head: Head, settings: Settings) -> Outcome:
         "Roomkeeper-Event": head.event,
         "Roomkeeper-Delivery": head.delivery_id,
         "Roomkeeper-Signature": signature(secret.get_secret_value(), body, int(time.time())),
+        **pinned_headers,
     }
     try:
         # Streamed so the receiver's answer body is never read: only its status counts.
-        with _get_client().stream("POST", head.url, content=body, headers=headers) as response:
+        with _get_client().stream(
+            "POST", url, content=body, headers=headers, extensions=extensions
+        ) as response:
             status = response.status_code
     except httpx.TimeoutException as exc:
         return failed(f"timed out ({type(exc).__name__})")
     except httpx.HTTPError as exc:
-        return failed(_describe(exc, head.url))
+        return failed(_describe(exc, head.url, url))
     if 200 <= status < 300:
         return Outcome(True, status, "", time.monotonic() - started)
     if 300 <= status < 400:
@@ -211,9 +214,9 @@ def post(head: Head, settings: Settings) -> Outcome:
     return failed(f"HTTP {status}", status)
 
 
-def _describe(exc: Exception, url: str) -> str:
+def _describe(exc: Exception, url: str, sent_to: str) -> str:
     # httpx names the URL in some messages; its query string may hold the receiver's secret.
-    message = str(exc).replace(url, shown_url(url))
+    message = str(exc).replace(sent_to, shown_url(url)).replace(url, shown_url(url))
     return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from config.settings import Settings
 
@@ -86,3 +86,45 @@ def check_url(url: str, settings: Settings, *, resolve: bool = True) -> str:
                 "ROOMKEEPER_OUTBOUND_ALLOWED_HOSTS to allow it"
             )
     return url
+
+
+def connect_address(url: str, settings: Settings) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """Check `url` as check_url does and return the checked address to connect to, so a name that
+    answers differently the next time (DNS rebinding) cannot move the request; None for a host
+    listed in ROOMKEEPER_OUTBOUND_ALLOWED_HOSTS, which is trusted by name."""
+    check_url(url, settings, resolve=False)
+    host = (urlsplit(url).hostname or "").lower()
+    if host in settings.allowed_hosts:
+        return None
+    addresses = _addresses(host)
+    for address in addresses:
+        if not is_public(address):
+            raise OutboundRefused(
+                f"host {host!r} is a private, loopback or reserved address ({address}); list it in "
+                "ROOMKEEPER_OUTBOUND_ALLOWED_HOSTS to allow it"
+            )
+    return addresses[0]
+
+
+def pinned(
+    url: str, address: ipaddress.IPv4Address | ipaddress.IPv6Address | None
+) -> tuple[str, dict[str, str], dict[str, str]]:
+    """The request for `url` sent to `address`: (URL naming the address, headers, httpx extensions).
+    The Host header and the TLS server name (SNI, and the name the certificate must match) stay the
+    URL's own host."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    try:
+        ipaddress.ip_address(host)
+        literal = True
+    except ValueError:
+        literal = False
+    if address is None or literal:
+        return url, {}, {}
+    target = f"[{address}]" if address.version == 6 else str(address)
+    netloc = f"{target}:{parts.port}" if parts.port else target
+    return (
+        urlunsplit((parts.scheme, netloc, parts.path, parts.query, "")),
+        {"Host": parts.netloc},
+        {"sni_hostname": host},
+    )
