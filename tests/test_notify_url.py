@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 import socket
 import threading
 import time
@@ -270,8 +271,10 @@ def test_a_receiver_that_times_out_is_tried_again(
     assert ready["attempts"] >= 2
     assert {r.delivery for r in hook.received if r.event == "room.ready"} == {ready["delivery_id"]}
     wait_for(
-        lambda: [(d["event"], d["state"]) for d in deliveries(notify_system, "url-timeout")]
-        == [("room.ready", "delivered"), ("room.deleted", "delivered")],
+        lambda: (
+            [(d["event"], d["state"]) for d in deliveries(notify_system, "url-timeout")]
+            == [("room.ready", "delivered"), ("room.deleted", "delivered")]
+        ),
         timeout=20,
     )
     history_rows = [h for h in history("url-timeout") if h[1].startswith("delivered room.ready")]
@@ -415,3 +418,54 @@ def test_a_reschedule_to_a_task_notify_sends_later_events_to_the_task(
     assert [e["_task"] for e in events.seen] == ["bookings.room_event"]
     assert hook.delivered_events("url-then-task") == ["room.ready"]
     assert [d["event"] for d in deliveries(notify_system, "url-then-task")] == ["room.ready"]
+
+
+def test_over_http_the_same_rules_and_the_same_delivery(
+    notify_system: str, receivers: list[Receiver], caplog: pytest.LogCaptureFixture
+) -> None:
+    from fastapi.testclient import TestClient
+
+    from worker import tokens
+    from worker.web.app import create_app
+
+    caplog.set_level(logging.INFO)
+    with store.get_engine(notify_system).begin() as connection:
+        connection.execute(text("DELETE FROM api_token"))
+    headers = {"Authorization": f"Bearer {tokens.create('notify-tests')}"}
+    hook = receiver(receivers)
+    with TestClient(create_app()) as web:
+        refused = web.put(
+            "/v1/bookings/http-refused",
+            headers=headers,
+            json={"start": iso(soon(60)), "end": iso(soon(120)), "notify": {"url": "https://10.0.0.1/x"}},
+        )
+        assert refused.status_code == 422
+        (error,) = refused.json()["errors"]
+        assert error["field"] == "notify.url"
+        with pytest.raises(InvalidRequest) as over_celery:
+            book("http-refused", "https://10.0.0.1/x")
+        assert str(over_celery.value) == f"notify.url: {error['rule']}", "one model, one message"
+        assert web.get("/v1/bookings/http-refused", headers=headers).status_code == 404
+
+        made = web.put(
+            "/v1/bookings/http-hook",
+            headers=headers,
+            json={"start": iso(soon(0.3)), "end": iso(soon(1.5)), "notify": {"url": hook.url}},
+        )
+        assert made.status_code == 201
+        assert QUERY_SECRET not in made.text
+        wait_for(lambda: hook.delivered_events("http-hook") == ["room.ready", "room.deleted"], timeout=20)
+        assert all(verify(SECRET, r.headers["roomkeeper-signature"], r.body) for r in hook.received)
+        shown = f"http://127.0.0.1:{hook.port}/hooks/rooms"
+
+        def delivered_rows() -> list[Any]:
+            rows = web.get("/v1/bookings/http-hook/history", headers=headers).json()
+            return [row for row in rows if "delivered" in json.dumps(row)]
+
+        rows = wait_for(lambda: len(delivered_rows()) == 2 and delivered_rows(), timeout=10)
+        assert all(shown in json.dumps(row) for row in rows)
+        history_text = web.get("/v1/bookings/http-hook/history", headers=headers).text
+        assert QUERY_SECRET not in history_text and SECRET not in history_text
+    # Nothing the service logged holds the receiver's token or the signing secret.
+    assert f"delivered room.ready to {shown}" in caplog.text
+    assert QUERY_SECRET not in caplog.text and SECRET not in caplog.text
