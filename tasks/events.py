@@ -6,7 +6,9 @@ from worker import delivery
 from worker.app import app
 
 
-@app.task(name="rooms.deliver_events", ignore_result=True)
+# Its own time limits, not ROOMKEEPER_TASK_TIME_LIMIT_SECONDS (sized for Whereby calls): a run
+# stops taking new attempts after delivery.RUN_SECONDS, and one attempt is bounded by its timeouts.
+@app.task(name="rooms.deliver_events", ignore_result=True, soft_time_limit=55, time_limit=60)
 def deliver_events(booking_id: str, claim: str | None = None) -> dict[str, int]:
     return delivery.deliver(booking_id, claim)
 

@@ -23,9 +23,11 @@ import pytest
 from sqlalchemy import text
 
 from tests.conftest import Events, Ticker, apply_settings, call, iso, soon, wait_for
+from tests.harness import ProcessSystem
 from worker import booking, delivery, store
 from worker.app import app
 from worker.requests import InvalidRequest
+from worker.sandbox import SandboxAdmin, SandboxServer
 
 SECRET = "whsec-test-" + "k" * 24
 QUERY_SECRET = "receiver-own-token-93f1"
@@ -469,3 +471,57 @@ def test_over_http_the_same_rules_and_the_same_delivery(
     # Nothing the service logged holds the receiver's token or the signing secret.
     assert f"delivered room.ready to {shown}" in caplog.text
     assert QUERY_SECRET not in caplog.text and SECRET not in caplog.text
+
+
+# --------------------------------------------------------------------------------------------
+# As deployed: worker and beat processes, retries found by beat's own sweep.
+
+
+@pytest.fixture
+def procs(database: str, sandbox: SandboxAdmin, sandbox_server: SandboxServer) -> Iterator[ProcessSystem]:
+    with store.get_engine(database).begin() as connection:
+        connection.execute(text("DELETE FROM event_delivery"))
+    system = ProcessSystem(
+        database,
+        sandbox_server.url,
+        sandbox_server.admin_url,
+        {"ROOMKEEPER_NOTIFY_SIGNING_SECRET": SECRET, "ROOMKEEPER_OUTBOUND_ALLOWED_HOSTS": "127.0.0.1"},
+    )
+    try:
+        yield system
+    finally:
+        system.stop()
+
+
+def test_worker_and_beat_processes_deliver_everything_after_a_receiver_outage(
+    procs: ProcessSystem, receivers: list[Receiver]
+) -> None:
+    procs.start_worker()
+    procs.start_beat()
+    placeholder = socket.socket()
+    placeholder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    placeholder.bind(("127.0.0.1", 0))
+    hook = Receiver(port=placeholder.getsockname()[1])
+    for n in range(3):
+        procs.book(f"proc-hook-{n}", soon(0.5), soon(1.5 + n * 0.5), notify={"url": hook.url})
+
+    def attempts() -> list[int]:
+        return [d["attempts"] for n in range(3) for d in deliveries(procs.database_url, f"proc-hook-{n}")]
+
+    # Down long enough that retries fall beyond the dispatcher's next tick: beat's sweep sends them.
+    procs.wait_for(lambda: len(attempts()) == 6 and max(attempts()) >= 4, timeout=30)
+    placeholder.close()
+    hook.start()
+    receivers.append(hook)
+    for n in range(3):
+        procs.wait_for(lambda n=n: hook.delivered_events(f"proc-hook-{n}") == ["room.ready", "room.deleted"])
+        stored = deliveries(procs.database_url, f"proc-hook-{n}")
+        assert [d["state"] for d in stored] == ["delivered", "delivered"]
+        got = [r for r in hook.received if json.loads(r.body)["booking_id"] == f"proc-hook-{n}"]
+        assert [r.delivery for r in got] == [d["delivery_id"] for d in stored]
+    assert all(verify(SECRET, r.headers["roomkeeper-signature"], r.body) for r in hook.received)
+    beat_log = (procs.logs / "beat1.log").read_text()
+    assert "event delivery chains" in beat_log, "retries were sent by beat's sweep"
+    for name in ("worker1.log", "beat1.log"):
+        logged = (procs.logs / name).read_text()
+        assert QUERY_SECRET not in logged and SECRET not in logged

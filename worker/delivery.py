@@ -51,7 +51,7 @@ CLAIM = timedelta(seconds=60)
 BACKOFF_BASE_SECONDS = 1.0
 BACKOFF_MAX_SECONDS = 300.0
 # A run hands its chain to a fresh message after this long, so a long chain shares the workers.
-RUN_SECONDS = 20.0
+RUN_SECONDS = 15.0
 # When a run finds no delivery slot free, its message is sent again after about this long.
 BUSY_RETRY_SECONDS = 1.0
 CLAIM_TOLERANCE = timedelta(seconds=1)  # an ETA message may run a little before due_at on a skewed host
