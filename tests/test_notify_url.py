@@ -223,6 +223,7 @@ def test_events_are_signed_posts_in_order_and_recorded_as_delivered(
         ready.delivery,
         deleted.delivery,
     ]
+    assert ("event", "room.ready", f"for {shown}, delivery {ready.delivery}") in history("url-signed")
     assert_no_secrets("url-signed")
 
 

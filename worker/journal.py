@@ -26,6 +26,7 @@ from worker.models import (
     RoomState,
     utcnow,
 )
+from worker.signing import shown_url
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +115,9 @@ def emit(session: Session, meeting: Meeting, room: Room | None, event: str, now:
     """Queue an event for the caller's notify; it leaves only once this transaction commits.
 
     Returns whether an outbox row was queued (so the commit should be followed by a flush)."""
-    note(session, meeting.booking_id, "event", event)
+    url = meeting.notify.get("url") if meeting.notify else None
+    if not url:
+        note(session, meeting.booking_id, "event", event)
     if not meeting.notify:
         return False
     kwargs = {
@@ -123,11 +126,18 @@ def emit(session: Session, meeting: Meeting, room: Room | None, event: str, now:
         "meeting": view(meeting, room),
         "occurred_at": fmt(now),
     }
-    url = meeting.notify.get("url")
     if url:
         # A notify URL: the delivery row holds the event and its signed POST's retries; the
         # outbox row, sent after commit like any event, wakes the booking's delivery task.
-        _append(session, EventDelivery, delivery_row(meeting.booking_id, event, url, kwargs, now))
+        row = delivery_row(meeting.booking_id, event, url, kwargs, now)
+        _append(session, EventDelivery, row)
+        note(
+            session,
+            meeting.booking_id,
+            "event",
+            event,
+            f"for {shown_url(url)}, delivery {row['delivery_id']}",
+        )
         task, queue, kwargs = DELIVER_TASK, get_settings().queue, {"booking_id": meeting.booking_id}
     else:
         task, queue = meeting.notify["task"], meeting.notify["queue"]
