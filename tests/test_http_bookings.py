@@ -438,3 +438,12 @@ def test_the_real_web_process_with_a_token_from_the_cli(
         if web is not None:
             web.stop()
         system.stop()
+
+
+def test_a_body_larger_than_any_batch_is_refused(web: TestClient, token: str) -> None:
+    huge = b'{"bookings": [' + b" " * (9 * 1024 * 1024) + b"]}"
+    headers = {**auth(token), "Content-Type": "application/json"}
+    for method, path in (("POST", "/v1/bookings/batch"), ("PUT", "/v1/bookings/b-1")):
+        response = web.request(method, path, content=huge, headers=headers)
+        assert response.status_code == 413 and response.headers["content-type"].startswith(PROBLEM)
+    assert meetings() == {}

@@ -102,10 +102,14 @@ def schedule_many(items: Sequence[Any]) -> list[dict[str, Any]]:
             continue
         valid.append((index, parsed))
     after = AfterCommit()
-    for chunk in _chunks(valid, CHUNK):
-        for index, result in _store_chunk(chunk, after):
-            results[index] = result
-    after.run()
+    try:
+        for chunk in _chunks(valid, CHUNK):
+            for index, result in _store_chunk(chunk, after):
+                results[index] = result
+    finally:
+        # Should a chunk fail, the ones committed before it are stored: their due work goes now
+        # (beat's dispatcher would find it anyway, up to an interval later).
+        after.run()
     done = [r for r in results if r is not None]
     assert len(done) == len(items)
     log.info("batch of %d: %d stored, %d refused", len(items), len(valid), len(items) - len(valid))
