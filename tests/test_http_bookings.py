@@ -434,6 +434,11 @@ def test_the_real_web_process_with_a_token_from_the_cli(
         assert refused.status_code == 401 and refused.headers["www-authenticate"] == "Bearer"
         assert api.delete("/v1/bookings/http-b0").status_code == 401
         assert system.states()["http-b0"] == "scheduled"
+        web.stop()
+        web = None
+        logs = {path.name: path.read_text(errors="replace") for path in system.logs.glob("*.log")}
+        assert "web.log" in logs and "/v1/bookings" in logs["web.log"]
+        assert not [name for name, text in logs.items() if token in text or token[3:] in text]
     finally:
         if web is not None:
             web.stop()
