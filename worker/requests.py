@@ -128,13 +128,25 @@ class RoomOptions(_Request):
 
 
 class Notify(_Request):
-    """Where events go: `{"task", "queue"}` (a Celery task, CONTRACT §2.5) or `{"url"}` (§4.4)."""
+    """Where this booking's events go: a Celery task (`{"task", "queue"}`), or a URL (`{"url"}`)
+    that receives each event as a signed POST."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    task: Annotated[StrictStr, Field(min_length=1, max_length=200)] | None = None
-    queue: Annotated[StrictStr, Field(min_length=1, max_length=200)] | None = None
-    url: Annotated[StrictStr, Field(min_length=1, max_length=MAX_URL_LENGTH)] | None = None
+    task: Annotated[StrictStr, Field(min_length=1, max_length=200)] | None = Field(
+        default=None, description="The Celery task sent for each event (with `queue`)."
+    )
+    queue: Annotated[StrictStr, Field(min_length=1, max_length=200)] | None = Field(
+        default=None, description="The queue that task is sent to."
+    )
+    url: Annotated[StrictStr, Field(min_length=1, max_length=MAX_URL_LENGTH)] | None = Field(
+        default=None,
+        description=(
+            "Instead of a task: each event is POSTed here as JSON, signed (`Roomkeeper-Signature`), "
+            "retried with backoff (24 hours by default). `https` to a public host, or a host listed in "
+            "ROOMKEEPER_OUTBOUND_ALLOWED_HOSTS; needs ROOMKEEPER_NOTIFY_SIGNING_SECRET on the service."
+        ),
+    )
 
     @field_validator("url")
     @classmethod
