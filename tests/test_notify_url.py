@@ -22,12 +22,15 @@ from typing import Any
 import pytest
 from sqlalchemy import text
 
+from config.settings import get_settings
 from tests.conftest import Events, Ticker, apply_settings, call, iso, soon, wait_for
 from tests.harness import ProcessSystem
-from worker import booking, delivery, store
+from worker import booking, delivery, journal, store
 from worker.app import app
+from worker.models import EventDelivery, utcnow
 from worker.requests import InvalidRequest
 from worker.sandbox import SandboxAdmin, SandboxServer
+from worker.signing import receiver as receiver_key
 
 SECRET = "whsec-test-" + "k" * 24
 QUERY_SECRET = "receiver-own-token-93f1"
@@ -526,3 +529,32 @@ def test_worker_and_beat_processes_deliver_everything_after_a_receiver_outage(
     for name in ("worker1.log", "beat1.log"):
         logged = (procs.logs / name).read_text()
         assert QUERY_SECRET not in logged and SECRET not in logged
+
+
+def test_with_every_delivery_slot_taken_a_chain_waits_its_turn_without_an_attempt(
+    configured: str, receivers: list[Receiver], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Called as a plain function: deliveries never take more than their share of a worker."""
+    with store.get_engine(configured).begin() as connection:
+        connection.execute(text("DELETE FROM event_delivery"))
+    apply_settings(ROOMKEEPER_NOTIFY_SIGNING_SECRET=SECRET, ROOMKEEPER_OUTBOUND_ALLOWED_HOSTS="127.0.0.1")
+    try:
+        hook = receiver(receivers)
+        with store.session_scope() as session:
+            row = journal.delivery_row("busy-1", "room.ready", hook.url, {"event": "room.ready"}, utcnow())
+            session.add(EventDelivery(**row))
+        sent: list[tuple[str, str | None, Any]] = []
+        monkeypatch.setattr(delivery, "send", lambda b, c=None, eta=None: sent.append((b, c, eta)))
+        slots = delivery._get_slots(get_settings())
+        while slots.acquire(receiver_key(hook.url)):
+            pass
+        assert delivery.deliver("busy-1") == {"delivered": 0, "undelivered": 0, "retrying": 0}
+        ((booking_id, _claim, eta),) = sent
+        assert booking_id == "busy-1" and eta is not None and eta > utcnow()
+        assert hook.received == [] and deliveries(configured, "busy-1")[0]["attempts"] == 0
+        delivery._reset()  # the slots are free again
+        assert delivery.deliver("busy-1")["delivered"] == 1
+        assert [r.delivery for r in hook.received] == [row["delivery_id"]]
+    finally:
+        delivery._reset()
+        apply_settings(ROOMKEEPER_NOTIFY_SIGNING_SECRET=None, ROOMKEEPER_OUTBOUND_ALLOWED_HOSTS=None)
