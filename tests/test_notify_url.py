@@ -558,3 +558,33 @@ def test_with_every_delivery_slot_taken_a_chain_waits_its_turn_without_an_attemp
     finally:
         delivery._reset()
         apply_settings(ROOMKEEPER_NOTIFY_SIGNING_SECRET=None, ROOMKEEPER_OUTBOUND_ALLOWED_HOSTS=None)
+
+
+def test_an_event_whose_worker_was_killed_mid_post_is_sent_again_with_its_delivery_id(
+    procs: ProcessSystem, receivers: list[Receiver], database: str
+) -> None:
+    if not database.startswith("sqlite"):
+        pytest.skip("the same claims as on SQLite; the wait for a lapsed claim is long enough once")
+    arrived, hold = threading.Event(), threading.Event()
+
+    def answer(n: int) -> int:
+        if n == 0:
+            arrived.set()
+            hold.wait(20)
+            return 500  # whatever it answers, nobody is left to read it
+        return 200
+
+    hook = receiver(receivers, answer)
+    procs.start_worker()
+    procs.start_beat()
+    procs.book("proc-crash", soon(0.5), soon(120), notify={"url": hook.url})
+    procs.wait_for(arrived.is_set, timeout=20)
+    procs.kill_workers()  # SIGKILL while the POST waits for its answer
+    hold.set()
+    procs.start_worker()
+    # Its claim lapses (delivery.CLAIM) and beat's sweep sends the chain to the new worker.
+    procs.wait_for(lambda: hook.delivered_events("proc-crash") == ["room.ready"], timeout=90)
+    (stored,) = deliveries(procs.database_url, "proc-crash")
+    assert stored["state"] == "delivered" and stored["attempts"] == 2
+    assert [r.delivery for r in hook.received] == [stored["delivery_id"]] * 2
+    assert all(verify(SECRET, r.headers["roomkeeper-signature"], r.body) for r in hook.received)

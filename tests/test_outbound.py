@@ -11,6 +11,7 @@ import re
 import shutil
 import socket
 import subprocess
+import threading
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -374,3 +375,35 @@ def test_transport_errors_are_described_without_the_query_string(monkeypatch: py
     assert not outcome.delivered
     assert outcome.error == "ConnectError: cannot reach https://1.1.1.1/in"
     delivery._reset()
+
+
+def test_an_attempt_ends_after_the_total_timeout_and_keeps_its_slot_until_its_thread_ends(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A receiver that drips its answer: every read inside httpx's timeout, the whole far beyond.
+    answered = threading.Event()
+
+    def dripping(head: delivery.Head, settings: Settings) -> delivery.Outcome:
+        answered.wait(5)
+        return delivery.Outcome(True, 200, "", 5.0)
+
+    monkeypatch.setattr(delivery, "post", dripping)
+    slots = delivery._Slots(2)
+    assert slots.acquire("drip")
+    released = threading.Event()
+
+    def release() -> None:
+        slots.release("drip")
+        released.set()
+
+    outcome, release_now = delivery._Attempt(_head("https://1.1.1.1/x"), SIGNED, release).run(0.2)
+    assert (outcome.delivered, outcome.error, release_now) == (False, "no answer within 0.2s", False)
+    assert slots.running == {"drip": 1}, "the slot stays taken while the request still runs"
+    answered.set()
+    assert released.wait(5) and slots.running == {}
+
+
+def test_an_attempt_that_answers_in_time_is_returned_as_is(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(delivery, "post", lambda head, settings: delivery.Outcome(True, 204, "", 0.01))
+    outcome, release_now = delivery._Attempt(_head("https://1.1.1.1/x"), SIGNED, lambda: None).run(5)
+    assert outcome.delivered and outcome.status == 204 and release_now

@@ -14,12 +14,13 @@ a slow or failing receiver holds up neither room work nor other receivers.
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from importlib import metadata
@@ -42,11 +43,13 @@ from worker.store import session_scope
 log = logging.getLogger(__name__)
 
 TASK = journal.DELIVER_TASK
-# One attempt: connecting may take CONNECT_SECONDS, each read or write TIMEOUT_SECONDS.
+# One attempt: connecting may take CONNECT_SECONDS, each read or write TIMEOUT_SECONDS, and the
+# whole attempt (the address check included) TOTAL_SECONDS, however slowly a receiver answers.
 CONNECT_SECONDS = 3.0
 TIMEOUT_SECONDS = 10.0
+TOTAL_SECONDS = 10.0
 # A run's claim on its head outlasts one attempt; a run that died leaves it to beat's sweep after.
-CLAIM = timedelta(seconds=60)
+CLAIM = timedelta(seconds=30)
 # Backoff between attempts: BACKOFF_BASE_SECONDS doubling, capped, each wait drawn in [½, 1] of it.
 BACKOFF_BASE_SECONDS = 1.0
 BACKOFF_MAX_SECONDS = 300.0
@@ -212,6 +215,42 @@ def post(head: Head, settings: Settings) -> Outcome:
     if 300 <= status < 400:
         return failed(f"HTTP {status} (redirects are not followed)", status)
     return failed(f"HTTP {status}", status)
+
+
+class _Attempt:
+    """One POST in a thread of its own, so that its caller waits TOTAL_SECONDS at most: httpx's
+    timeouts bound each read, not a receiver that drips its answer. An attempt given up on keeps
+    its delivery slot until its thread ends, so such a receiver only ever ties up its own share."""
+
+    def __init__(self, head: Head, settings: Settings, release: Callable[[], None]) -> None:
+        self.head, self.settings, self.release = head, settings, release
+        self.lock = threading.Lock()
+        self.finished = threading.Event()
+        self.outcome: Outcome | None = None
+        self.abandoned = False
+
+    def _run(self) -> None:
+        try:
+            self.outcome = post(self.head, self.settings)
+        finally:
+            with self.lock:
+                self.finished.set()
+                late = self.abandoned
+            if late:
+                self.release()
+
+    def run(self, total: float) -> tuple[Outcome, bool]:
+        """The attempt's outcome, and whether its slot is released (False: when its thread ends)."""
+        started = time.monotonic()
+        threading.Thread(target=self._run, name="notify-post", daemon=True).start()
+        self.finished.wait(total)
+        with self.lock:
+            if not self.finished.is_set():
+                self.abandoned = True
+                return Outcome(False, None, f"no answer within {total:g}s", time.monotonic() - started), False
+        if self.outcome is None:  # post() raised: a bug, not the receiver's doing
+            return Outcome(False, None, "internal error", time.monotonic() - started), True
+        return self.outcome, True
 
 
 def _describe(exc: Exception, url: str, sent_to: str) -> str:
@@ -419,15 +458,18 @@ def deliver(booking_id: str, claim: str | None = None) -> dict[str, int]:
             delay = BUSY_RETRY_SECONDS * random.uniform(1.0, 2.0)
             send(booking_id, claim, eta=now + timedelta(seconds=delay))
             return counts
+        release_now = True
         try:
             token = _claim(head, claim, now)
             if token is None:
                 return counts
             claim = None  # spent: the next head of the chain is free
-            outcome = post(head, settings)
+            attempt = _Attempt(head, settings, functools.partial(slots.release, key))
+            outcome, release_now = attempt.run(TOTAL_SECONDS)
             goes_on, retry_at, retry_claim = _finish(head, token, outcome, settings)
         finally:
-            slots.release(key)
+            if release_now:
+                slots.release(key)
         if outcome.delivered:
             counts["delivered"] += 1
         elif goes_on:
