@@ -58,6 +58,12 @@ def sandbox(
     error_rate: Annotated[float, typer.Option(envvar="SANDBOX_ERROR_RATE")] = 0.0,
     lost_reply_rate: Annotated[float, typer.Option(envvar="SANDBOX_LOST_REPLY_RATE")] = 0.0,
     expiry_seconds: Annotated[float, typer.Option(envvar="SANDBOX_EXPIRY_SECONDS")] = 86400.0,
+    webhook_url: Annotated[
+        str | None, typer.Option(envvar="SANDBOX_WEBHOOK_URL", help="where to POST Whereby's webhooks")
+    ] = None,
+    webhook_secret: Annotated[
+        str | None, typer.Option(envvar="SANDBOX_WEBHOOK_SECRET", help="signs the webhooks", show_default=False)
+    ] = None,
 ) -> None:
     """Serve the bundled Whereby sandbox (a faithful in-memory server of the documented API)."""
     _logging()
@@ -70,6 +76,8 @@ def sandbox(
         error_rate=error_rate,
         lost_reply_rate=lost_reply_rate,
         expiry_seconds=expiry_seconds,
+        webhook_url=webhook_url or None,
+        webhook_secret=webhook_secret or None,
     )
     serve(config, host, port)
 

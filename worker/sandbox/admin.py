@@ -70,6 +70,50 @@ async def _admin_delete(request: Request) -> Response:
     return JSONResponse({"error": "Not Found"}, status_code=404)
 
 
+def _missing(exc: LookupError) -> Response:
+    return JSONResponse({"error": str(exc.args[0]) if exc.args else "Not Found"}, status_code=404)
+
+
+async def _admin_join(request: Request) -> Response:
+    try:
+        body = await _json_object(request)
+        participant_id = sandbox_of(request).join(
+            request.path_params["meeting_id"], body.get("role", "visitor"), body.get("external_id")
+        )
+    except BadRequest as exc:
+        return JSONResponse({"error": str(exc)}, status_code=400)
+    except LookupError as exc:
+        return _missing(exc)
+    return JSONResponse({"participantId": participant_id}, status_code=201)
+
+
+async def _admin_participants(request: Request) -> Response:
+    try:
+        return JSONResponse(sandbox_of(request).participants(request.path_params["meeting_id"]))
+    except LookupError as exc:
+        return _missing(exc)
+
+
+async def _admin_leave(request: Request) -> Response:
+    try:
+        sandbox_of(request).leave(request.path_params["meeting_id"], request.path_params["participant_id"])
+    except LookupError as exc:
+        return _missing(exc)
+    return Response(status_code=204)
+
+
+async def _admin_sessions(request: Request) -> Response:
+    try:
+        return JSONResponse(sandbox_of(request).sessions(request.path_params["meeting_id"]))
+    except LookupError as exc:
+        return _missing(exc)
+
+
+async def _admin_webhooks(request: Request) -> Response:
+    sandbox = sandbox_of(request)
+    return JSONResponse({"idle": sandbox.webhooks_idle(), "deliveries": sandbox.webhook_log()})
+
+
 async def _admin_reset(request: Request) -> Response:
     sandbox_of(request).reset()
     return JSONResponse({"ok": True})
@@ -79,6 +123,11 @@ ROUTES = [
     Route("/_sandbox/health", _health, methods=["GET"]),
     Route("/_sandbox/rooms", _admin_rooms, methods=["GET"]),
     Route("/_sandbox/rooms/{meeting_id}", _admin_delete, methods=["DELETE"]),
+    Route("/_sandbox/rooms/{meeting_id}/participants", _admin_participants, methods=["GET"]),
+    Route("/_sandbox/rooms/{meeting_id}/participants", _admin_join, methods=["POST"]),
+    Route("/_sandbox/rooms/{meeting_id}/participants/{participant_id}", _admin_leave, methods=["DELETE"]),
+    Route("/_sandbox/rooms/{meeting_id}/sessions", _admin_sessions, methods=["GET"]),
+    Route("/_sandbox/webhooks", _admin_webhooks, methods=["GET"]),
     Route("/_sandbox/calls", _admin_calls, methods=["GET"]),
     Route("/_sandbox/faults", _admin_faults, methods=["GET", "POST"]),
     Route("/_sandbox/spend", _admin_spend, methods=["POST"]),
@@ -131,6 +180,36 @@ class SandboxAdmin:
 
     def delete_out_of_band(self, meeting_id: str) -> None:
         self._call("DELETE", f"rooms/{meeting_id}")
+
+    def join(self, meeting_id: str, role: str = "visitor", external_id: str | None = None) -> str:
+        """Someone enters the room (role host, visitor or viewer); their participantId."""
+        body = {"role": role, "external_id": external_id}
+        participant_id: str = self._call("POST", f"rooms/{meeting_id}/participants", json=body).json()[
+            "participantId"
+        ]
+        return participant_id
+
+    def leave(self, meeting_id: str, participant_id: str) -> None:
+        self._call("DELETE", f"rooms/{meeting_id}/participants/{participant_id}")
+
+    def participants(self, meeting_id: str) -> list[dict[str, Any]]:
+        people: list[dict[str, Any]] = self._call("GET", f"rooms/{meeting_id}/participants").json()
+        return people
+
+    def sessions(self, meeting_id: str) -> list[dict[str, Any]]:
+        """The room's insights sessions, newest first (free: no points spent)."""
+        sessions: list[dict[str, Any]] = self._call("GET", f"rooms/{meeting_id}/sessions").json()
+        return sessions
+
+    def webhook_log(self) -> list[dict[str, Any]]:
+        """Every delivery attempt so far, dropped ones included, in the order they happened."""
+        log: list[dict[str, Any]] = self._call("GET", "webhooks").json()["deliveries"]
+        return log
+
+    def webhooks_idle(self) -> bool:
+        """True when no delivery waits to be sent or is being sent."""
+        idle: bool = self._call("GET", "webhooks").json()["idle"]
+        return idle
 
     def reset(self) -> None:
         self._call("POST", "reset")

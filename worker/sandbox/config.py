@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 from worker.sandbox.wire import BadRequest
 
@@ -22,6 +23,14 @@ class SandboxConfig:
     delete_unknown_status: int = 204
     public_url: str = "https://sandbox.whereby.invalid"
     seed: int | None = None
+    # Whereby's webhooks (worker.sandbox.webhooks) and the sessions behind them (participants).
+    webhook_url: str | None = None
+    webhook_secret: str | None = None
+    webhook_duplicate_rate: float = 0.0
+    webhook_reorder_rate: float = 0.0
+    webhook_drop_rate: float = 0.0
+    session_end_delay_seconds: float = 0.0
+    insights_points: int = 3
 
 
 # The knobs /_sandbox/faults may turn; api_key, public_url and seed are fixed for a sandbox's life.
@@ -34,7 +43,16 @@ TUNABLE = (
     "points_per_minute",
     "expiry_seconds",
     "delete_unknown_status",
+    "webhook_url",
+    "webhook_secret",
+    "webhook_duplicate_rate",
+    "webhook_reorder_rate",
+    "webhook_drop_rate",
+    "session_end_delay_seconds",
+    "insights_points",
 )
+# Never shown by /_sandbox/faults: the view says only whether one is set.
+SECRETS = ("api_key", "webhook_secret")
 
 
 def number(name: str, value: Any, low: float, high: float | None = None) -> float:
@@ -57,12 +75,36 @@ def integer(name: str, value: Any, low: int) -> int:
 
 def check_setting(name: str, value: Any) -> Any:
     """Validates one tunable config value and returns it in its stored type."""
-    if name in ("latency_ms", "stall_seconds", "expiry_seconds"):
+    if name in ("latency_ms", "stall_seconds", "expiry_seconds", "session_end_delay_seconds"):
         return number(name, value, 0)
-    if name in ("error_rate", "lost_reply_rate"):
+    if name in (
+        "error_rate",
+        "lost_reply_rate",
+        "webhook_duplicate_rate",
+        "webhook_reorder_rate",
+        "webhook_drop_rate",
+    ):
         return number(name, value, 0, 1)
     if name == "points_per_minute":
         return integer(name, value, 0)
+    if name == "insights_points":
+        return integer(name, value, 1)
+    if name == "webhook_url":
+        if value is None:
+            return None
+        if (
+            not isinstance(value, str)
+            or urlsplit(value).scheme not in ("http", "https")
+            or not urlsplit(value).netloc
+        ):
+            raise BadRequest(f"{name}: must be an http(s) URL or null")
+        return value
+    if name == "webhook_secret":
+        if value is None:
+            return None
+        if not isinstance(value, str) or not value:
+            raise BadRequest(f"{name}: must be a non-empty string or null")
+        return value
     if name == "lost_reply_mode":
         if value not in ("error", "stall"):
             raise BadRequest(f"{name}: must be error or stall")

@@ -9,7 +9,7 @@ import json
 import re
 import secrets
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -74,6 +74,8 @@ class Room:
     viewer_key: str
     deleted_at: float | None = None
     deleted_by: str | None = None
+    # How many people were inside when it was deleted (by the API, out of band or by expiry).
+    deleted_with_participants: int | None = None
 
     @property
     def live(self) -> bool:
@@ -103,6 +105,7 @@ class Room:
             "created_at": iso_ts(self.created_at),
             "deleted_at": None if self.deleted_at is None else iso_ts(self.deleted_at),
             "deleted_by": self.deleted_by,
+            "deleted_with_participants": self.deleted_with_participants,
             "live": self.live,
             "room_mode": self.room_mode,
             "is_locked": self.is_locked,
@@ -125,6 +128,8 @@ class Rooms:
         self._live: dict[str, Room] = {}
         # Expiry order is endDate order whatever expiry_seconds is, so one heap serves every setting.
         self._by_end: list[tuple[float, int, str]] = []
+        # Told of every deletion, whatever its cause; the Sandbox empties the room with it.
+        self.on_delete: Callable[[Room], None] | None = None
 
     def known(self, meeting_id: str) -> Room | None:
         """The room with this id, live or deleted."""
@@ -248,6 +253,8 @@ class Rooms:
         room.deleted_at = at
         room.deleted_by = by
         self._live.pop(room.meeting_id, None)
+        if self.on_delete is not None:
+            self.on_delete(room)
 
     def expire(self, now: float) -> None:
         grace = self.config.expiry_seconds

@@ -120,6 +120,7 @@ class SandboxServer:
             server.force_exit = True
             thread.join(timeout=2)
         self._server = self._thread = None
+        self.sandbox.close()
 
     def __enter__(self) -> Self:
         self.start()
@@ -136,13 +137,18 @@ class SandboxServer:
 
 def serve(config: SandboxConfig, host: str, port: int) -> None:
     """Serves the sandbox in the foreground until SIGINT/SIGTERM (uvicorn shuts down gracefully)."""
-    uvicorn.run(
-        create_app(config),
-        host=host,
-        port=port,
-        log_level="info",
-        # The sandbox keeps its own call log; uvicorn's access log would only duplicate it.
-        access_log=False,
-        lifespan="off",
-        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
-    )
+    app = create_app(config)
+    try:
+        uvicorn.run(
+            app,
+            host=host,
+            port=port,
+            log_level="info",
+            # The sandbox keeps its own call log; uvicorn's access log would only duplicate it.
+            access_log=False,
+            lifespan="off",
+            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+        )
+    finally:
+        # The webhook sender's thread must not outlive the server.
+        app.state.sandbox.close()

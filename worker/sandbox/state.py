@@ -11,10 +11,17 @@ from http import HTTPStatus
 from typing import Any
 
 from worker.sandbox.budget import POINTS, PointsWindow
-from worker.sandbox.config import TUNABLE, SandboxConfig, check_setting, integer
+from worker.sandbox.config import SECRETS, TUNABLE, SandboxConfig, check_setting, integer
 from worker.sandbox.faults import Faults, check_step
-from worker.sandbox.rooms import Rooms
+from worker.sandbox.participants import Presence
+from worker.sandbox.rooms import Room, Rooms
+from worker.sandbox.webhooks import Delivery, WebhookSender
 from worker.sandbox.wire import BadRequest, Reply, error, iso_ts
+
+# Whereby: "One hour after endDate: host privileges, webhooks, recordings stop."
+WEBHOOKS_AFTER_END_SECONDS = 3600.0
+INSIGHTS = ("room-sessions", "participants")
+Event = tuple[Room, str, dict[str, Any]]
 
 
 class Sandbox:
@@ -39,6 +46,9 @@ class Sandbox:
         self._rooms = Rooms(self.config)
         self._budget = PointsWindow(self.config)
         self._faults = Faults(self.config)
+        self._presence = Presence(self.config)
+        self._webhooks = WebhookSender(self.config, tick=self.tick)
+        self._rooms.on_delete = self._emptied
         self._calls: list[dict[str, Any]] = []
         self._seq = 0
 
@@ -56,6 +66,7 @@ class Sandbox:
         with self._lock:
             now = self.clock()
             self._rooms.expire(now)
+            events = self._presence.due(now)
             entry: dict[str, Any] = {
                 "points": 0,
                 "meeting_id": None,
@@ -74,7 +85,8 @@ class Sandbox:
                     **entry,
                 }
             )
-            return reply
+        self._send(now, events)
+        return reply
 
     def _authorized(self, authorization: str | None) -> bool:
         scheme, _, token = (authorization or "").partition(" ")
@@ -100,18 +112,21 @@ class Sandbox:
             )
 
         parts = path.strip("/").split("/")
-        if parts[:2] != ["v1", "meetings"] or len(parts) > 3:
+        insights = parts[:2] == ["v1", "insights"] and len(parts) == 3 and parts[2] in INSIGHTS
+        if not insights and (parts[:2] != ["v1", "meetings"] or len(parts) > 3):
             return error(404, "Not Found")
-        meeting_id = parts[2] if len(parts) == 3 else None
-        allowed = ("GET", "DELETE") if meeting_id is not None else ("GET", "POST")
+        meeting_id = parts[2] if len(parts) == 3 and not insights else None
+        allowed = ("GET",) if insights else ("GET", "DELETE") if meeting_id is not None else ("GET", "POST")
         if method not in allowed:
             return error(405, "Method Not Allowed", {"Allow": ", ".join(allowed)})
         entry["meeting_id"] = meeting_id
         room = self._rooms.known(meeting_id) if meeting_id is not None else None
         if room is not None:
             entry["room_name"] = room.room_name
+        if insights and parts[2] == "room-sessions":
+            entry["room_name"] = dict(query).get("roomName")
 
-        cost = POINTS[method]
+        cost = self.config.insights_points if insights else POINTS[method]
         throttled = self._budget.throttle(now, cost)
         if throttled is not None:
             return throttled
@@ -139,7 +154,9 @@ class Sandbox:
             lost_mode = self._faults.random_lost_reply(method)
 
         try:
-            if method == "POST":
+            if insights:
+                reply = self._insights(now, parts[2], dict(query))
+            elif method == "POST":
                 created, reply = self._rooms.create(now, body)
                 entry["meeting_id"] = created.meeting_id
                 entry["room_name"] = created.room_name
@@ -160,12 +177,108 @@ class Sandbox:
             return Reply(504, {"error": HTTPStatus(504).phrase}, stall=stall)
         return self._budget.with_budget(now, reply)
 
+    def _insights(self, now: float, kind: str, params: dict[str, str]) -> Reply:
+        """Sessions of a room, newest first, or the participants of one session; one page each."""
+        if kind == "room-sessions":
+            name = params.get("roomName", "").strip()
+            if not name:
+                raise BadRequest("roomName: required")
+            return Reply(200, {"results": self._presence.sessions(now, name), "cursor": None})
+        session_id = params.get("roomSessionId", "").strip()
+        if not session_id:
+            raise BadRequest("roomSessionId: required")
+        return Reply(200, {"results": self._presence.session_participants(session_id), "cursor": None})
+
+    # ---- people and webhooks -----------------------------------------------------------------
+
+    def _emptied(self, room: Room) -> None:
+        # Called by Rooms under our lock; a deleted room sends no left events: it is gone.
+        room.deleted_with_participants = self._presence.evict(
+            room.deleted_at or self.clock(), room.meeting_id
+        )
+
+    def _live_room(self, now: float, meeting_id: str) -> Room:
+        self._rooms.expire(now)
+        room = self._rooms.known(meeting_id)
+        if room is None or not room.live:
+            raise LookupError("meeting_id: no such room (deleted or unknown)")
+        return room
+
+    def join(self, meeting_id: str, role: str = "visitor", external_id: str | None = None) -> str:
+        """Someone enters a live room; their participantId. LookupError for a deleted or unknown room."""
+        with self._lock:
+            now = self.clock()
+            room = self._live_room(now, meeting_id)
+            events = self._presence.due(now)
+            participant_id, joined = self._presence.join(now, room, role, external_id)
+            events += joined
+        self._send(now, events)
+        return participant_id
+
+    def leave(self, meeting_id: str, participant_id: str) -> None:
+        with self._lock:
+            now = self.clock()
+            self._live_room(now, meeting_id)
+            events = self._presence.due(now)
+            events += self._presence.leave(now, meeting_id, participant_id)
+        self._send(now, events)
+
+    def participants(self, meeting_id: str) -> list[dict[str, Any]]:
+        with self._lock:
+            self._rooms.expire(self.clock())
+            if self._rooms.known(meeting_id) is None:
+                raise LookupError("meeting_id: no such room")
+            return self._presence.participants(meeting_id)
+
+    def sessions(self, meeting_id: str) -> list[dict[str, Any]]:
+        """The room's insights sessions, newest first, free of charge."""
+        with self._lock:
+            now = self.clock()
+            room = self._rooms.known(meeting_id)
+            if room is None:
+                raise LookupError("meeting_id: no such room")
+            return self._presence.sessions(now, room.room_name)
+
+    def tick(self) -> None:
+        """Sends the room.session.ended events whose delay ran out (the sender thread calls it)."""
+        with self._lock:
+            now = self.clock()
+            events = self._presence.due(now)
+        self._send(now, events)
+
+    def _send(self, now: float, events: list[Event]) -> None:
+        """Wraps events in Whereby's envelope and queues them; never under the lock (it may block briefly)."""
+        url, secret = self.config.webhook_url, self.config.webhook_secret
+        deliveries = []
+        for room, type_, data in events:
+            if url is None or now > room.end.timestamp() + WEBHOOKS_AFTER_END_SECONDS:
+                continue
+            event_id, body = self._webhooks.envelope(now, type_, data)
+            deliveries.append(Delivery(event_id, type_, room.meeting_id, body, url, secret))
+        self._webhooks.submit(deliveries)
+        if self._presence.pending():
+            # A session end waits for its delay: the sender's thread notices when it is due.
+            self._webhooks.ensure_running()
+
+    def webhook_log(self) -> list[dict[str, Any]]:
+        return self._webhooks.entries()
+
+    def webhooks_idle(self) -> bool:
+        return self._webhooks.idle()
+
+    def close(self) -> None:
+        """Stops the webhook sender; pending deliveries are dropped."""
+        self._webhooks.close()
+
     # ---- admin -------------------------------------------------------------------------------
 
     def rooms(self, include_deleted: bool = True) -> list[dict[str, Any]]:
         with self._lock:
             self._rooms.expire(self.clock())
-            return self._rooms.records(include_deleted)
+            records = self._rooms.records(include_deleted)
+            for record in records:
+                record["participants"] = self._presence.count(record["meeting_id"])
+            return records
 
     def calls(self, since: int = 0) -> list[dict[str, Any]]:
         with self._lock:
@@ -177,7 +290,8 @@ class Sandbox:
             return self._settings()
 
     def _settings(self) -> dict[str, Any]:
-        view = {key: value for key, value in asdict(self.config).items() if key != "api_key"}
+        view = {key: value for key, value in asdict(self.config).items() if key not in SECRETS}
+        view["webhook_secret_set"] = self.config.webhook_secret is not None
         view["script"] = self._faults.pending()
         return view
 
@@ -218,6 +332,8 @@ class Sandbox:
 
     def reset(self) -> None:
         with self._lock:
+            self._presence.clear()
+            self._webhooks.reset()
             self._rooms.clear()
             self._budget.clear()
             self._faults.reset()
