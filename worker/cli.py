@@ -62,7 +62,8 @@ def sandbox(
         str | None, typer.Option(envvar="SANDBOX_WEBHOOK_URL", help="where to POST Whereby's webhooks")
     ] = None,
     webhook_secret: Annotated[
-        str | None, typer.Option(envvar="SANDBOX_WEBHOOK_SECRET", help="signs the webhooks", show_default=False)
+        str | None,
+        typer.Option(envvar="SANDBOX_WEBHOOK_SECRET", help="signs the webhooks", show_default=False),
     ] = None,
 ) -> None:
     """Serve the bundled Whereby sandbox (a faithful in-memory server of the documented API)."""
