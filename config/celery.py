@@ -76,4 +76,6 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
         "apply-stored-webhooks": entry("rooms.sweep_webhooks", settings.recover_interval_seconds),
         # Retries of events to notify URLs that wait in the store, and chains whose run died.
         "deliver-due-events": entry("rooms.dispatch_deliveries", settings.dispatch_interval_seconds),
+        # Calendar feeds: the pass finds the feeds due and sends one `feeds.sync` task for each.
+        "poll-feeds": entry("feeds.poll_due", min(30.0, settings.feed_poll_interval_seconds), at_start=True),
     }

@@ -259,3 +259,54 @@ class EventDelivery(SQLModel, table=True):
     last_status: int | None = None
     last_error: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
     finished_at: datetime | None = _ts()
+
+
+class Feed(SQLModel, table=True):
+    """A calendar feed (CONTRACT §5): an ICS URL or a CalDAV calendar whose events become bookings.
+
+    No credential is kept here: a CalDAV password is read from the environment variable named in
+    `password_env` at each fetch. `body` is the last good read, re-expanded when the source answers
+    304 Not Modified, so the moving horizon is evaluated on every poll."""
+
+    __tablename__ = "feed"
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(sa_column=Column(String(50), nullable=False, unique=True))
+    url: str = Field(sa_column=Column(Text, nullable=False))
+    kind: str = Field(sa_column=Column(String(16), nullable=False))  # "ics" or "caldav"
+    match: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    horizon_days: int = 14
+    timezone: str = Field(sa_column=Column(String(64), nullable=False))
+    room: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))
+    notify: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+    username: str | None = Field(default=None, sa_column=Column(String(200), nullable=True))
+    password_env: str | None = Field(default=None, sa_column=Column(String(200), nullable=True))
+    created_at: datetime = _ts(nullable=False)
+    next_poll_at: datetime | None = _ts()
+    claim_token: str | None = Field(default=None, sa_column=Column(String(40), nullable=True))
+    claim_until: datetime | None = _ts()
+    etag: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    last_modified: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    body: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    last_poll_at: datetime | None = _ts()
+    last_outcome: str | None = Field(default=None, sa_column=Column(String(32), nullable=True))
+    last_detail: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    last_changes: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+    occurrence_count: int = 0
+    downloads: int = 0
+    not_modified: int = 0
+    # The latest polls, newest last (at most 50): {"at", "outcome", "detail", "changes"}.
+    history: list[dict[str, Any]] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+
+
+class FeedOccurrence(SQLModel, table=True):
+    """An occurrence a feed booked: what it was last booked as, to tell new, moved and gone apart."""
+
+    __tablename__ = "feed_occurrence"
+    __table_args__ = (Index("ix_feed_occurrence_feed", "feed_id"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    feed_id: int = Field(nullable=False)
+    booking_id: str = Field(sa_column=Column(String(200), nullable=False, unique=True))
+    start: datetime = _ts(nullable=False)
+    end: datetime = _ts(nullable=False)

@@ -1,0 +1,1 @@
+"""Calendar feeds (CONTRACT §5): ICS URLs and CalDAV calendars whose events become bookings."""

@@ -1,0 +1,471 @@
+"""Feeds as a source of bookings: add, list, show, remove, sync, and beat's poll (CONTRACT §5).
+
+A sync reads the feed (a conditional GET: a 304 reuses the last good body), expands the
+occurrences of [now, now + horizon], and compares them with the occurrences it booked before:
+a new one is booked (`schedule_meeting`), a moved one booked again (a reschedule), one that a
+complete, successful read no longer holds (deleted, or cancelled) is cancelled (`cancel_meeting`).
+
+Nothing changes when the read fails (error, timeout, non-2xx), answers HTML or anything that is not
+a complete VCALENDAR, or suddenly loses most of its occurrences (more than `MASS_LOSS_MIN` and more
+than half of those booked in the horizon vanish at once, with the new count under half the old):
+the poll is recorded (`last_outcome` `failed` or `suspicious`, the feed's history, a log line) and
+the event `feed.failed` / `feed.suspicious` goes to the feed's notify, with `booking_id`
+`feed:{NAME}`. `feeds sync NAME --force` accepts such a loss.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import ValidationError
+from sqlalchemy import or_, update
+from sqlmodel import col, delete, select
+
+from config.settings import get_settings
+from worker import booking, journal
+from worker.feeds import expand, source
+from worker.lifecycle import fmt
+from worker.models import EventDelivery, Feed, FeedOccurrence, Outbox, utcnow
+from worker.outbound import OutboundRefused, check_url
+from worker.requests import InvalidRequest, Notify, RoomOptions, ScheduleRequest, problems, unstorable
+from worker.store import session_scope
+
+log = logging.getLogger(__name__)
+
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,49}$")
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,199}$")
+MAX_HORIZON_DAYS = 366
+CLAIM_LEASE_SECONDS = 300
+MASS_LOSS_MIN = 3
+HISTORY_KEEP = 50
+
+
+class FeedError(InvalidRequest):
+    """A feed operation was refused; the message names the field and the rule."""
+
+
+class UnknownFeed(FeedError):
+    """No feed has this name."""
+
+
+@dataclass
+class FeedSpec:
+    name: str
+    url: str
+    match: str | None = None
+    horizon_days: int = 14
+    room: dict[str, Any] | None = None
+    notify: dict[str, Any] | None = None
+    username: str | None = None
+    password_env: str | None = None
+    timezone: str = "UTC"
+    caldav: bool = False
+
+
+def _validated(spec: FeedSpec) -> dict[str, Any]:
+    errors: list[str] = []
+    settings = get_settings()
+    if not isinstance(spec.name, str) or not NAME.match(spec.name):
+        errors.append(
+            "name: must be 1 to 50 letters, digits, '_', '-' or '.', starting with a letter or digit"
+        )
+    try:
+        check_url(spec.url, settings)
+    except OutboundRefused as exc:
+        errors.append(f"url: {exc}")
+    if spec.match is not None:
+        if rule := unstorable(spec.match):
+            errors.append(f"match: {rule}")
+        elif not spec.match.strip() or len(spec.match) > 200:
+            errors.append("match: must be 1 to 200 characters")
+    if not isinstance(spec.horizon_days, int) or not 1 <= spec.horizon_days <= MAX_HORIZON_DAYS:
+        errors.append(f"horizon_days: must be a whole number from 1 to {MAX_HORIZON_DAYS}")
+    try:
+        ZoneInfo(spec.timezone)
+    except (ZoneInfoNotFoundError, ValueError, TypeError):
+        errors.append(f"timezone: {spec.timezone!r} is not a known IANA time zone")
+    room: dict[str, Any] = {}
+    try:
+        room = RoomOptions.model_validate(spec.room or {}).model_dump(exclude_none=True)
+    except ValidationError as exc:
+        errors.extend(f"room.{field}: {rule}" if field else f"room: {rule}" for field, rule in problems(exc))
+    notify = None
+    if spec.notify is not None:
+        try:
+            notify = Notify.model_validate(spec.notify).model_dump()
+        except ValidationError as exc:
+            errors.extend(
+                f"notify.{field}: {rule}" if field else f"notify: {rule}" for field, rule in problems(exc)
+            )
+    if spec.password_env is not None and not ENV_NAME.match(spec.password_env):
+        errors.append("password_env: must be the name of an environment variable")
+    if spec.password_env is not None and spec.username is None:
+        errors.append("username: is required with password_env")
+    if spec.username is not None and (unstorable(spec.username) or len(spec.username) > 200):
+        errors.append("username: must be at most 200 storable characters")
+    if errors:
+        raise FeedError("; ".join(errors))
+    caldav = spec.caldav or spec.username is not None
+    return {
+        "name": spec.name,
+        "url": spec.url,
+        "kind": "caldav" if caldav else "ics",
+        "match": spec.match,
+        "horizon_days": spec.horizon_days,
+        "timezone": spec.timezone,
+        "room": room,
+        "notify": notify,
+        "username": spec.username,
+        "password_env": spec.password_env,
+    }
+
+
+def describe(feed: Feed) -> dict[str, Any]:
+    """The feed as shown (CLI, HTTP): never a credential, only the name of its variable."""
+    return {
+        "name": feed.name,
+        "url": feed.url,
+        "kind": feed.kind,
+        "match": feed.match,
+        "horizon_days": feed.horizon_days,
+        "timezone": feed.timezone,
+        "room": feed.room,
+        "notify": feed.notify,
+        "username": feed.username,
+        "password_env": feed.password_env,
+        "created_at": fmt(feed.created_at),
+        "last_poll_at": fmt(feed.last_poll_at) if feed.last_poll_at else None,
+        "last_outcome": feed.last_outcome,
+        "last_detail": feed.last_detail,
+        "last_changes": feed.last_changes,
+        "occurrences": feed.occurrence_count,
+        "downloads": feed.downloads,
+        "not_modified": feed.not_modified,
+        "next_poll_at": fmt(feed.next_poll_at) if feed.next_poll_at else None,
+    }
+
+
+def add_feed(spec: FeedSpec) -> dict[str, Any]:
+    fields = _validated(spec)
+    now = utcnow()
+    with session_scope() as session:
+        if session.execute(select(Feed).where(Feed.name == spec.name)).scalar_one_or_none():
+            raise FeedError(f"name: a feed named {spec.name!r} exists already")
+        feed = Feed(created_at=now, next_poll_at=now, history=[], **fields)
+        session.add(feed)
+        session.flush()
+        result = describe(feed)
+    log.info("feed %s: added (%s)", spec.name, fields["kind"])
+    return result
+
+
+def _known(session: Any, name: str) -> Feed:
+    feed = session.execute(select(Feed).where(Feed.name == name)).scalar_one_or_none()
+    if feed is None:
+        raise UnknownFeed(f"name: no feed named {name!r}")
+    return feed
+
+
+def list_feeds() -> list[dict[str, Any]]:
+    with session_scope() as session:
+        return [describe(feed) for feed in session.execute(select(Feed).order_by(col(Feed.name))).scalars()]
+
+
+def show_feed(name: str) -> dict[str, Any]:
+    with session_scope() as session:
+        feed = _known(session, name)
+        result = describe(feed)
+        result["history"] = list(feed.history or [])
+        result["bookings"] = [
+            {"booking_id": row.booking_id, "start": fmt(row.start), "end": fmt(row.end)}
+            for row in session.execute(
+                select(FeedOccurrence)
+                .where(FeedOccurrence.feed_id == feed.id)
+                .order_by(col(FeedOccurrence.start))
+            ).scalars()
+        ]
+        return result
+
+
+def remove_feed(name: str) -> dict[str, Any]:
+    """Forget the feed; the bookings it made that have not ended are cancelled."""
+    now = utcnow()
+    with session_scope() as session:
+        feed = _known(session, name)
+        rows = list(
+            session.execute(select(FeedOccurrence).where(FeedOccurrence.feed_id == feed.id)).scalars()
+        )
+        session.execute(delete(FeedOccurrence).where(col(FeedOccurrence.feed_id) == feed.id))
+        session.delete(feed)
+    cancelled = 0
+    for row in rows:
+        if row.end > now and _cancel(row.booking_id):
+            cancelled += 1
+    log.info("feed %s: removed, %d booking(s) cancelled", name, cancelled)
+    return {"name": name, "removed": True, "cancelled": cancelled}
+
+
+def _cancel(booking_id: str) -> bool:
+    try:
+        booking.cancel_meeting(booking_id)
+    except InvalidRequest as exc:
+        log.info("feed booking %s: not cancelled: %s", booking_id, exc)
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
+# Sync
+
+
+def _claim(name: str, now: datetime) -> tuple[int, str] | None:
+    token = uuid.uuid4().hex
+    with session_scope() as session:
+        feed = _known(session, name)
+        taken = session.connection().execute(
+            update(Feed)
+            .where(
+                col(Feed.id) == feed.id,
+                or_(col(Feed.claim_until).is_(None), col(Feed.claim_until) < now),
+            )
+            .values(claim_token=token, claim_until=now + timedelta(seconds=CLAIM_LEASE_SECONDS))
+        )
+        if taken.rowcount != 1:
+            return None
+        assert feed.id is not None
+        return feed.id, token
+
+
+def _event(session: Any, feed: Feed, event: str, detail: str, now: datetime) -> None:
+    """`feed.failed` / `feed.suspicious` to the feed's notify, sent once this transaction commits."""
+    if not feed.notify:
+        return
+    kwargs = {
+        "event": event,
+        "booking_id": f"feed:{feed.name}",
+        "feed": feed.name,
+        "detail": detail,
+        "occurred_at": fmt(now),
+    }
+    url = feed.notify.get("url")
+    if url:
+        session.add(EventDelivery(**journal.delivery_row(f"feed:{feed.name}", event, url, kwargs, now)))
+        task, queue, kwargs = journal.DELIVER_TASK, get_settings().queue, {"booking_id": f"feed:{feed.name}"}
+    else:
+        task, queue = feed.notify["task"], feed.notify["queue"]
+    session.add(
+        Outbox(
+            created_at=now,
+            booking_id=f"feed:{feed.name}",
+            task=task,
+            queue=queue,
+            kwargs=kwargs,
+            pending=True,
+        )
+    )
+
+
+def _finish(
+    feed_id: int,
+    token: str,
+    now: datetime,
+    outcome: str,
+    detail: str,
+    changes: dict[str, Any] | None,
+    *,
+    fetched: source.Fetched | None = None,
+    count: int | None = None,
+) -> dict[str, Any]:
+    settings = get_settings()
+    with session_scope() as session:
+        feed = session.get(Feed, feed_id)
+        if feed is None:  # removed while syncing
+            return {"outcome": "removed"}
+        feed.last_poll_at = now
+        feed.last_outcome = outcome
+        feed.last_detail = detail
+        if changes is not None:
+            feed.last_changes = changes
+        if count is not None:
+            feed.occurrence_count = count
+        if fetched is not None:
+            if fetched.text is None:
+                feed.not_modified += 1
+            else:
+                feed.downloads += 1
+                feed.body = fetched.text
+                feed.etag = fetched.etag
+                feed.last_modified = fetched.last_modified
+        entry = {"at": fmt(now), "outcome": outcome, "detail": detail, "changes": changes}
+        feed.history = [*(feed.history or []), entry][-HISTORY_KEEP:]
+        if feed.claim_token == token:
+            feed.claim_token = None
+            feed.claim_until = None
+        feed.next_poll_at = max(
+            feed.next_poll_at or now, now + timedelta(seconds=settings.feed_poll_interval_seconds)
+        )
+        if outcome in ("failed", "suspicious"):
+            _event(session, feed, f"feed.{outcome}", detail, now)
+        result = describe(feed)
+    if outcome in ("failed", "suspicious"):
+        log.warning("feed %s: %s, nothing changed: %s", result["name"], outcome, detail)
+        from worker import outbox
+
+        outbox.flush_outbox()
+    else:
+        log.info("feed %s: %s: %s", result["name"], outcome, detail)
+    return result
+
+
+def sync_feed(name: str, *, now: datetime | None = None, force: bool = False) -> dict[str, Any]:
+    """One poll of the feed; returns its view with `last_outcome`: ok, failed, suspicious, or busy
+    (another sync holds the feed's claim)."""
+    now = now or utcnow()
+    claimed = _claim(name, now)
+    if claimed is None:
+        log.info("feed %s: busy, another sync holds it", name)
+        return {"name": name, "last_outcome": "busy"}
+    feed_id, token = claimed
+    try:
+        return _sync(feed_id, token, now, force)
+    except Exception:
+        # Unexpected: release the claim for the next poll, and let the caller see the error.
+        with session_scope() as session:
+            session.connection().execute(
+                update(Feed)
+                .where(col(Feed.id) == feed_id, col(Feed.claim_token) == token)
+                .values(claim_token=None, claim_until=None)
+            )
+        raise
+
+
+def _sync(feed_id: int, token: str, now: datetime, force: bool) -> dict[str, Any]:
+    settings = get_settings()
+    with session_scope() as session:
+        feed = session.get(Feed, feed_id)
+        assert feed is not None
+        snapshot = (feed.name, feed.url, feed.kind, feed.match, feed.horizon_days, feed.timezone)
+        room, notify, username, password_env = feed.room, feed.notify, feed.username, feed.password_env
+        etag, last_modified, body = feed.etag, feed.last_modified, feed.body
+        stored = {
+            row.booking_id: (row.start, row.end)
+            for row in session.execute(
+                select(FeedOccurrence).where(FeedOccurrence.feed_id == feed_id)
+            ).scalars()
+        }
+    name, url, kind, match, horizon_days, timezone = snapshot
+    try:
+        if kind == "caldav":
+            fetched = source.fetch_caldav(url, settings, username, password_env)
+        else:
+            fetched = source.fetch_ics(
+                url,
+                settings,
+                etag=etag if body is not None else None,
+                last_modified=last_modified if body is not None else None,
+            )
+        text = fetched.text if fetched.text is not None else body
+        assert text is not None
+        calendar = expand.parse(text)
+        window_end = now + timedelta(days=horizon_days)
+        wanted = expand.occurrences(calendar, name, now, window_end, match=match, timezone=timezone)
+    except (source.FetchError, expand.FeedContentError) as exc:
+        return _finish(feed_id, token, now, "failed", str(exc), None)
+    except Exception as exc:  # anything the expansion trips on: the read is not trusted
+        log.exception("feed %s: could not be expanded", name)
+        return _finish(
+            feed_id, token, now, "failed", f"the feed could not be expanded: {type(exc).__name__}", None
+        )
+
+    # Ended occurrences are simply forgotten: their bookings ran their course.
+    live = {bid: span for bid, span in stored.items() if span[1] > now}
+    ended = [bid for bid, span in stored.items() if span[1] <= now]
+    gone = [bid for bid in live if bid not in wanted]
+    if not force and len(gone) > MASS_LOSS_MIN and len(gone) * 2 > len(live) and len(wanted) * 2 < len(live):
+        detail = (
+            f"{len(gone)} of the {len(live)} booked occurrences vanished at once; "
+            "nothing was changed (sync with --force to accept)"
+        )
+        return _finish(feed_id, token, now, "suspicious", detail, None, fetched=fetched)
+
+    changes = {"booked": 0, "rescheduled": 0, "cancelled": 0, "unchanged": 0, "refused": 0}
+    keep: dict[str, tuple[datetime, datetime]] = {}
+    refused: list[str] = []
+    for bid, occurrence in sorted(wanted.items(), key=lambda item: item[1].start):
+        old = live.get(bid)
+        if old == (occurrence.start, occurrence.end):
+            changes["unchanged"] += 1
+            keep[bid] = old
+            continue
+        request = {
+            "booking_id": bid,
+            "start": occurrence.start.isoformat(),
+            "end": occurrence.end.isoformat(),
+            "room": room,
+            "notify": notify,
+            "metadata": {"feed": name, "uid": occurrence.uid[:500], "summary": occurrence.summary[:500]},
+        }
+        try:
+            booking.schedule_meeting(ScheduleRequest.model_validate(request))
+        except (ValidationError, InvalidRequest) as exc:
+            changes["refused"] += 1
+            refused.append(f"{bid}: {str(exc).splitlines()[0][:200]}")
+            if old is not None:
+                keep[bid] = old
+            continue
+        changes["booked" if old is None else "rescheduled"] += 1
+        keep[bid] = (occurrence.start, occurrence.end)
+    for bid in gone:
+        _cancel(bid)
+        changes["cancelled"] += 1
+
+    with session_scope() as session:
+        session.execute(delete(FeedOccurrence).where(col(FeedOccurrence.feed_id) == feed_id))
+        for bid, (start, end) in keep.items():
+            session.add(FeedOccurrence(feed_id=feed_id, booking_id=bid, start=start, end=end))
+    read = "not modified (304), re-expanded" if fetched.text is None else "downloaded"
+    detail = (
+        f"{read}; {len(wanted)} occurrence(s) in the horizon: {changes['booked']} booked, "
+        f"{changes['rescheduled']} rescheduled, {changes['cancelled']} cancelled, {len(ended)} ended"
+    )
+    if refused:
+        detail += f"; refused: {'; '.join(refused[:5])}"
+    return _finish(feed_id, token, now, "ok", detail, changes, fetched=fetched, count=len(keep))
+
+
+def poll_due(send: Any) -> list[str]:
+    """Beat's pass: for each feed due, move its next poll one interval on (a conditional update, so
+    two passes never both send it) and `send(name)` one sync task."""
+    now = utcnow()
+    interval = timedelta(seconds=get_settings().feed_poll_interval_seconds)
+    sent: list[str] = []
+    with session_scope() as session:
+        due = list(
+            session.execute(
+                select(Feed.id, Feed.name, Feed.next_poll_at).where(
+                    or_(col(Feed.next_poll_at).is_(None), col(Feed.next_poll_at) <= now)
+                )
+            ).all()
+        )
+    for feed_id, name, next_poll_at in due:
+        with session_scope() as session:
+            condition = (
+                col(Feed.next_poll_at).is_(None)
+                if next_poll_at is None
+                else col(Feed.next_poll_at) == next_poll_at
+            )
+            moved = session.connection().execute(
+                update(Feed).where(col(Feed.id) == feed_id, condition).values(next_poll_at=now + interval)
+            )
+            if moved.rowcount != 1:
+                continue
+        send(name)
+        sent.append(name)
+    return sent
+
