@@ -7,7 +7,10 @@ One job per module:
 - ``rooms``: the in-memory rooms and the create/get/list/delete endpoints over them, with expiry.
 - ``budget``: the points-per-minute window and the 429 it earns.
 - ``faults``: the fault script and the seeded random faults.
-- ``state``: Sandbox, one lock over the above, the /v1 dispatch, the call log and the admin operations.
+- ``participants``: who is in each room, the sessions they make and the events joins and leaves cause.
+- ``webhooks``: the signed webhooks, sent from a background thread with seeded drops, repeats, delays.
+- ``state``: Sandbox, one lock over the above, the /v1 dispatch (meetings and insights), the call
+  log and the admin operations.
 - ``api``: the /v1 HTTP route.
 - ``admin``: the /_sandbox HTTP routes and SandboxAdmin, their client.
 - ``server``: create_app, SandboxServer (background thread) and serve (foreground).

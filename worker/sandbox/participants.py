@@ -161,6 +161,9 @@ class Presence:
             ):
                 events.append((occupancy.room, "room.session.ended", self._session_data(occupancy)))
                 occupancy.webhook_session = occupancy.below_since = None
+            if not occupancy.inside and occupancy.below_since is None:
+                # Empty and nothing pending: forget it, so the sender's tick stays cheap.
+                self._rooms.pop(occupancy.room.meeting_id, None)
         return events
 
     def pending(self) -> bool:
