@@ -468,4 +468,3 @@ def poll_due(send: Any) -> list[str]:
         send(name)
         sent.append(name)
     return sent
-

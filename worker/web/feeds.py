@@ -1,7 +1,98 @@
-"""Routes of the web process: feeds (placeholder until built)."""
+"""`/v1/feeds` (CONTRACT §5): calendar feeds over HTTP, behind the same bearer tokens as bookings.
+
+The same operations as `roomkeeper feeds …` (worker/feeds/sync.py), run in a worker thread. A feed's
+view never holds a credential: a CalDAV password is only ever named (`password_env`).
+"""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from typing import Annotated, Any
 
-router = APIRouter()
+from fastapi import APIRouter, Depends, Path, Query
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
+
+from worker.feeds import sync
+from worker.web.auth import UNAUTHORIZED, require_token
+from worker.web.problems import RESPONSES, bad_input, problem
+
+router = APIRouter(
+    prefix="/v1/feeds", tags=["feeds"], dependencies=[Depends(require_token)], responses=UNAUTHORIZED
+)
+
+FeedName = Annotated[str, Path(min_length=1, max_length=50)]
+
+
+class FeedBody(BaseModel):
+    """A new feed: an ICS URL, or a CalDAV calendar (with `username` and `password_env`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="1-50 characters of A-Z a-z 0-9 _ - .; part of every booking_id")
+    url: str = Field(description="the ICS URL or the CalDAV calendar's URL; obeys the outbound rules")
+    match: str | None = Field(
+        default=None, description="case-insensitive text in summary, location or description"
+    )
+    horizon_days: int = Field(default=14, description="occurrences this many days ahead are booked")
+    timezone: str = Field(default="UTC", description="zone of floating times when the feed names none")
+    room: dict[str, Any] | None = Field(default=None, description="room options of every booking, as in §2")
+    notify: dict[str, Any] | None = Field(default=None, description="where the bookings' events go, as in §2")
+    username: str | None = Field(default=None, description="CalDAV user name (makes the feed a CalDAV one)")
+    password_env: str | None = Field(
+        default=None, description="environment variable holding the CalDAV password"
+    )
+    caldav: bool = Field(default=False, description="read the URL as a CalDAV calendar")
+
+
+def _errors(exc: sync.FeedError) -> list[tuple[str, str]]:
+    found = []
+    for part in str(exc).split("; "):
+        field, _, rule = part.partition(": ")
+        found.append((field, rule) if rule else ("", field))
+    return found
+
+
+def _refused(exc: sync.FeedError) -> JSONResponse:
+    if isinstance(exc, sync.UnknownFeed):
+        return problem(404, "Not found", str(exc))
+    if "exists already" in str(exc):
+        return problem(409, "Conflict", str(exc), _errors(exc))
+    return bad_input(_errors(exc))
+
+
+@router.get("", summary="every feed, with its last poll")
+async def list_feeds() -> dict[str, Any]:
+    return {"results": await run_in_threadpool(sync.list_feeds)}
+
+
+@router.post("", status_code=201, responses=RESPONSES, summary="add a feed")
+async def create_feed(body: FeedBody) -> Any:
+    try:
+        return await run_in_threadpool(sync.add_feed, sync.FeedSpec(**body.model_dump()))
+    except sync.FeedError as exc:
+        return _refused(exc)
+
+
+@router.get("/{name}", summary="one feed: its last polls, outcome, changes and bookings")
+async def show_feed(name: FeedName) -> Any:
+    try:
+        return await run_in_threadpool(sync.show_feed, name)
+    except sync.FeedError as exc:
+        return _refused(exc)
+
+
+@router.delete("/{name}", summary="remove a feed; its bookings not yet ended are cancelled")
+async def remove_feed(name: FeedName) -> Any:
+    try:
+        return await run_in_threadpool(sync.remove_feed, name)
+    except sync.FeedError as exc:
+        return _refused(exc)
+
+
+@router.post("/{name}/sync", summary="poll the feed now")
+async def sync_feed(name: FeedName, force: Annotated[bool, Query()] = False) -> Any:
+    try:
+        return await run_in_threadpool(lambda: sync.sync_feed(name, force=force))
+    except sync.FeedError as exc:
+        return _refused(exc)
