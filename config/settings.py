@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     # Comma-separated host names (or IP addresses) that notify URLs and feeds may name besides
     # public https hosts.
     outbound_allowed_hosts: str | None = None
+    # Encrypts the CalDAV passwords feeds keep: a Fernet key (Fernet.generate_key()).
+    # Without it a feed's password can only come from an environment variable (--password-env).
+    secret_key: SecretStr | None = None
 
     # Extensions beyond the contract (documented in the README).
     max_attempts: int = Field(default=8, ge=1, le=100)
@@ -76,12 +79,28 @@ class Settings(BaseSettings):
         "whereby_webhook_secret",
         "notify_signing_secret",
         "outbound_allowed_hosts",
+        "secret_key",
         mode="before",
     )
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         # Compose and shells pass "" for a variable that is declared but not given.
         return None if value == "" else value
+
+    @field_validator("secret_key")
+    @classmethod
+    def _fernet_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            from cryptography.fernet import Fernet
+
+            try:
+                Fernet(value.get_secret_value())
+            except ValueError:
+                raise ValueError(
+                    "must be a Fernet key: 32 url-safe base64-encoded bytes (python -c "
+                    "'from cryptography.fernet import Fernet; print(Fernet.generate_key().decode())')"
+                ) from None
+        return value
 
     @field_validator("broker_url", "result_backend")
     @classmethod

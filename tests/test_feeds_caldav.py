@@ -115,3 +115,33 @@ def test_caldav_calendar_becomes_bookings(radicale: str, caplog: pytest.LogCaptu
     shown = str(sync.show_feed("dav")) + str(sync.list_feeds()) + caplog.text
     assert PASSWORD not in shown
     assert "TEST_CALDAV_PASSWORD" in str(sync.show_feed("dav"))
+
+
+def test_caldav_password_stored_encrypted(radicale: str) -> None:
+    from cryptography.fernet import Fernet
+    from sqlalchemy import text
+
+    t = base()
+    client = caldav.DAVClient(url=radicale, username="alice", password=PASSWORD)
+    calendar = client.principal().make_calendar(name="enc", cal_id="enc")
+    calendar.save_event(vcalendar(vevent("enc@x", t)))
+    spec = sync.FeedSpec(name="enc", url=str(calendar.url), username="alice", password=PASSWORD)
+    with pytest.raises(sync.FeedError, match="password: storing a password needs ROOMKEEPER_SECRET_KEY"):
+        sync.add_feed(spec)
+    apply_settings(ROOMKEEPER_SECRET_KEY=Fernet.generate_key().decode())
+    try:
+        added = sync.add_feed(spec)
+        assert added["password"] == "stored encrypted" and PASSWORD not in str(added)
+        result = sync.sync_feed("enc")
+        assert result["last_outcome"] == "ok" and result["last_changes"]["booked"] == 1
+        with store.session_scope() as session:
+            row = session.execute(text("SELECT * FROM feed WHERE name = 'enc'")).one()
+        assert PASSWORD not in str(tuple(row))
+        assert PASSWORD not in str(sync.show_feed("enc")) + str(sync.list_feeds())
+        # Another key cannot read it: the sync fails and changes nothing.
+        apply_settings(ROOMKEEPER_SECRET_KEY=Fernet.generate_key().decode())
+        failed = sync.sync_feed("enc")
+        assert failed["last_outcome"] == "failed" and "decrypt" in failed["last_detail"]
+        assert booking.get_meeting(f"feed:enc:enc@x:{stamp(t)}")["state"] == "scheduled"
+    finally:
+        apply_settings(ROOMKEEPER_SECRET_KEY=None)

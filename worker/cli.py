@@ -364,6 +364,9 @@ def feeds_add(
     password_env: Annotated[
         str | None, typer.Option(help="the environment variable holding the CalDAV password")
     ] = None,
+    password: Annotated[
+        str | None, typer.Option(help="the CalDAV password, kept encrypted (needs ROOMKEEPER_SECRET_KEY)")
+    ] = None,
     caldav: Annotated[bool, typer.Option("--caldav", help="read the URL as a CalDAV calendar")] = False,
 ) -> None:
     """Add a feed: every event in its horizon (matching --match) becomes a booking."""
@@ -378,6 +381,7 @@ def feeds_add(
         notify=_feed_json(notify, "notify"),
         username=username,
         password_env=password_env,
+        password=password,
         timezone=timezone,
         caldav=caldav,
     )

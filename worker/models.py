@@ -264,9 +264,10 @@ class EventDelivery(SQLModel, table=True):
 class Feed(SQLModel, table=True):
     """A calendar feed (CONTRACT §5): an ICS URL or a CalDAV calendar whose events become bookings.
 
-    No credential is kept here: a CalDAV password is read from the environment variable named in
-    `password_env` at each fetch. `body` is the last good read, re-expanded when the source answers
-    304 Not Modified, so the moving horizon is evaluated on every poll."""
+    A CalDAV password is read from the environment variable named in `password_env` at each fetch,
+    or kept encrypted with ROOMKEEPER_SECRET_KEY in `password_enc`. `body` is the last good read,
+    re-expanded when the source answers 304 Not Modified, so the moving horizon is evaluated on every
+    poll."""
 
     __tablename__ = "feed"
 
@@ -281,6 +282,8 @@ class Feed(SQLModel, table=True):
     notify: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
     username: str | None = Field(default=None, sa_column=Column(String(200), nullable=True))
     password_env: str | None = Field(default=None, sa_column=Column(String(200), nullable=True))
+    # Or the password itself, encrypted with ROOMKEEPER_SECRET_KEY (Fernet); never shown.
+    password_enc: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
     created_at: datetime = _ts(nullable=False)
     next_poll_at: datetime | None = _ts()
     claim_token: str | None = Field(default=None, sa_column=Column(String(40), nullable=True))

@@ -72,7 +72,9 @@ def fetch_ics(
         raise FetchError(f"the feed could not be read: {type(exc).__name__}") from None
 
 
-def fetch_caldav(url: str, settings: Settings, username: str | None, password_env: str | None) -> Fetched:
+def fetch_caldav(
+    url: str, settings: Settings, username: str | None, password_env: str | None, password: str | None = None
+) -> Fetched:
     """All events of the CalDAV calendar at `url`, as one VCALENDAR text."""
     import caldav
     import icalendar
@@ -81,7 +83,6 @@ def fetch_caldav(url: str, settings: Settings, username: str | None, password_en
         check_url(url, settings)
     except OutboundRefused as exc:
         raise FetchError(f"url {exc}") from None
-    password = None
     if password_env:
         password = os.environ.get(password_env)
         if password is None:

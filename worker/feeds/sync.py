@@ -64,6 +64,7 @@ class FeedSpec:
     notify: dict[str, Any] | None = None
     username: str | None = None
     password_env: str | None = None
+    password: str | None = None
     timezone: str = "UTC"
     caldav: bool = False
 
@@ -107,6 +108,21 @@ def _validated(spec: FeedSpec) -> dict[str, Any]:
         errors.append("password_env: must be the name of an environment variable")
     if spec.password_env is not None and spec.username is None:
         errors.append("username: is required with password_env")
+    password_enc = None
+    if spec.password is not None:
+        if spec.password_env is not None:
+            errors.append("password: give either password or password_env, not both")
+        elif spec.username is None:
+            errors.append("username: is required with password")
+        elif settings.secret_key is None:
+            errors.append(
+                "password: storing a password needs ROOMKEEPER_SECRET_KEY on the service; "
+                "or name an environment variable that holds it (password_env)"
+            )
+        elif unstorable(spec.password) or not spec.password:
+            errors.append("password: must be non-empty storable text")
+        else:
+            password_enc = _fernet().encrypt(spec.password.encode()).decode()
     if spec.username is not None and (unstorable(spec.username) or len(spec.username) > 200):
         errors.append("username: must be at most 200 storable characters")
     if errors:
@@ -123,7 +139,30 @@ def _validated(spec: FeedSpec) -> dict[str, Any]:
         "notify": notify,
         "username": spec.username,
         "password_env": spec.password_env,
+        "password_enc": password_enc,
     }
+
+
+def _fernet() -> Any:
+    from cryptography.fernet import Fernet
+
+    key = get_settings().secret_key
+    if key is None:
+        raise source.FetchError(
+            "the feed's password is stored encrypted and ROOMKEEPER_SECRET_KEY is not set"
+        )
+    return Fernet(key.get_secret_value())
+
+
+def _password(encrypted: str | None) -> str | None:
+    if encrypted is None:
+        return None
+    from cryptography.fernet import InvalidToken
+
+    try:
+        return str(_fernet().decrypt(encrypted.encode()).decode())
+    except InvalidToken:
+        raise source.FetchError("the stored password does not decrypt with ROOMKEEPER_SECRET_KEY") from None
 
 
 def describe(feed: Feed) -> dict[str, Any]:
@@ -139,6 +178,7 @@ def describe(feed: Feed) -> dict[str, Any]:
         "notify": feed.notify,
         "username": feed.username,
         "password_env": feed.password_env,
+        "password": "stored encrypted" if feed.password_enc else None,
         "created_at": fmt(feed.created_at),
         "last_poll_at": fmt(feed.last_poll_at) if feed.last_poll_at else None,
         "last_outcome": feed.last_outcome,
@@ -352,6 +392,7 @@ def _sync(feed_id: int, token: str, now: datetime, force: bool) -> dict[str, Any
         assert feed is not None
         snapshot = (feed.name, feed.url, feed.kind, feed.match, feed.horizon_days, feed.timezone)
         room, notify, username, password_env = feed.room, feed.notify, feed.username, feed.password_env
+        password_enc = feed.password_enc
         etag, last_modified, body = feed.etag, feed.last_modified, feed.body
         stored = {
             row.booking_id: (row.start, row.end)
@@ -362,7 +403,7 @@ def _sync(feed_id: int, token: str, now: datetime, force: bool) -> dict[str, Any
     name, url, kind, match, horizon_days, timezone = snapshot
     try:
         if kind == "caldav":
-            fetched = source.fetch_caldav(url, settings, username, password_env)
+            fetched = source.fetch_caldav(url, settings, username, password_env, _password(password_enc))
         else:
             fetched = source.fetch_ics(
                 url,

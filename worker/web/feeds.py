@@ -42,6 +42,10 @@ class FeedBody(BaseModel):
     password_env: str | None = Field(
         default=None, description="environment variable holding the CalDAV password"
     )
+    password: str | None = Field(
+        default=None,
+        description="the CalDAV password, kept encrypted (needs ROOMKEEPER_SECRET_KEY); never shown",
+    )
     caldav: bool = Field(default=False, description="read the URL as a CalDAV calendar")
 
 

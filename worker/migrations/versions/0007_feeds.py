@@ -35,6 +35,7 @@ def upgrade() -> None:
         sa.Column("notify", sa.JSON(), nullable=True),
         sa.Column("username", sa.String(length=200), nullable=True),
         sa.Column("password_env", sa.String(length=200), nullable=True),
+        sa.Column("password_enc", sa.Text(), nullable=True),
         sa.Column("created_at", _ts(), nullable=False),
         sa.Column("next_poll_at", _ts(), nullable=True),
         sa.Column("claim_token", sa.String(length=40), nullable=True),
