@@ -39,10 +39,17 @@ class CalendarServer:
         self.files: dict[str, tuple[int, str, str]] = {}  # path -> (status, content type, body)
         self.downloads = 0
         self.not_modified = 0
+        self.redirects: dict[str, str] = {}  # path -> Location
         server = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
+                if self.path in server.redirects:
+                    self.send_response(302)
+                    self.send_header("Location", server.redirects[self.path])
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 status, ctype, body = server.files.get(self.path, (404, "text/plain", "no such file"))
                 data = body.encode()
                 etag = '"' + hashlib.sha256(data).hexdigest()[:16] + '"'
@@ -424,3 +431,19 @@ def test_cli_and_http(configured: str, calendars: CalendarServer) -> None:
         assert web.get("/v1/feeds/web", headers=auth).status_code == 404
     removed = runner.invoke(cli, ["feeds", "remove", "cli"])
     assert removed.exit_code == 0 and "1 booking(s) cancelled" in removed.output
+
+
+def test_redirects_are_followed_only_where_the_outbound_rules_allow(
+    configured: str, calendars: CalendarServer
+) -> None:
+    t = base()
+    calendars.put("/real.ics", vcalendar(vevent("r@x", t)))
+    calendars.redirects["/moved.ics"] = "/real.ics"
+    calendars.redirects["/inside.ics"] = "http://10.0.0.1/cal.ics"
+    sync.add_feed(sync.FeedSpec(name="moved", url=calendars.url + "/moved.ics"))
+    sync.add_feed(sync.FeedSpec(name="inside", url=calendars.url + "/inside.ics"))
+    assert sync.sync_feed("moved")["last_changes"]["booked"] == 1
+    refused = sync.sync_feed("inside")
+    assert (
+        refused["last_outcome"] == "failed" and "ROOMKEEPER_OUTBOUND_ALLOWED_HOSTS" in refused["last_detail"]
+    )
