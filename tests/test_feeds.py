@@ -179,6 +179,21 @@ def test_expansion_of_a_series_across_dst_with_exceptions_and_zones() -> None:
     assert "feed:team:floating@example.com:20270317T150000Z" in everything
 
 
+def test_outlook_export_with_a_windows_zone_name_across_dst() -> None:
+    calendar = expand.parse((FIXTURES / "outlook_windows_zone.ics").read_text())
+    found = expand.occurrences(
+        calendar, "o", datetime(2027, 10, 1, tzinfo=UTC), datetime(2027, 12, 1, tzinfo=UTC), match="whereby"
+    )
+    # 10:00 W. Europe: 08:00Z in summer time, 09:00Z after 31 October; UNTIL includes 10 November.
+    assert [o.start.strftime("%m-%d %H:%M") for o in sorted(found.values(), key=lambda o: o.start)] == [
+        "10-20 08:00",
+        "10-27 08:00",
+        "11-03 09:00",
+        "11-10 09:00",
+    ]
+    assert all(len(bid) <= 200 for bid in found)
+
+
 def test_window_limits_and_x_wr_timezone() -> None:
     text = vcalendar(
         vevent("daily", datetime(2027, 1, 4, 9, tzinfo=UTC), extra="RRULE:FREQ=DAILY;COUNT=30"),
