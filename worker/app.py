@@ -23,7 +23,14 @@ celery_fixes.install()
 
 app = Celery(
     "roomkeeper",
-    include=["tasks.meetings", "tasks.rooms", "tasks.scheduled", "tasks.webhooks", "tasks.events", "tasks.feeds"],
+    include=[
+        "tasks.meetings",
+        "tasks.rooms",
+        "tasks.scheduled",
+        "tasks.webhooks",
+        "tasks.events",
+        "tasks.feeds",
+    ],
 )
 app.config_from_object(celery_config(get_settings()))
 

@@ -467,6 +467,8 @@ def _sync(feed_id: int, token: str, now: datetime, force: bool) -> dict[str, Any
         changes["cancelled"] += 1
 
     with session_scope() as session:
+        if session.get(Feed, feed_id) is None:  # removed while this sync ran: keep no orphan rows
+            return {"name": name, "last_outcome": "removed"}
         session.execute(delete(FeedOccurrence).where(col(FeedOccurrence.feed_id) == feed_id))
         for bid, (start, end) in keep.items():
             session.add(FeedOccurrence(feed_id=feed_id, booking_id=bid, start=start, end=end))
