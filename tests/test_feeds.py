@@ -383,6 +383,8 @@ def test_add_refuses_bad_input_and_stores_nothing(configured: str, calendars: Ca
         assert field in message
     with pytest.raises(sync.FeedError, match="url: must not carry credentials"):
         sync.add_feed(sync.FeedSpec(name="c", url="http://user:secret@127.0.0.1/x.ics"))
+    with pytest.raises(sync.FeedError, match="url: must be at most 2000 characters"):
+        sync.add_feed(sync.FeedSpec(name="n", url="http://127.0.0.1/\x00.ics"))
     assert sync.list_feeds() == []
     url = calendars.put("/d.ics", vcalendar())
     sync.add_feed(sync.FeedSpec(name="d", url=url))

@@ -33,7 +33,15 @@ from worker.feeds import expand, source
 from worker.lifecycle import fmt
 from worker.models import EventDelivery, Feed, FeedOccurrence, Outbox, utcnow
 from worker.outbound import OutboundRefused, check_url
-from worker.requests import InvalidRequest, Notify, RoomOptions, ScheduleRequest, problems, unstorable
+from worker.requests import (
+    MAX_URL_LENGTH,
+    InvalidRequest,
+    Notify,
+    RoomOptions,
+    ScheduleRequest,
+    problems,
+    unstorable,
+)
 from worker.store import session_scope
 
 log = logging.getLogger(__name__)
@@ -76,10 +84,13 @@ def _validated(spec: FeedSpec) -> dict[str, Any]:
         errors.append(
             "name: must be 1 to 50 letters, digits, '_', '-' or '.', starting with a letter or digit"
         )
-    try:
-        check_url(spec.url, settings)
-    except OutboundRefused as exc:
-        errors.append(f"url: {exc}")
+    if not isinstance(spec.url, str) or unstorable(spec.url) or len(spec.url) > MAX_URL_LENGTH:
+        errors.append(f"url: must be at most {MAX_URL_LENGTH} characters of storable text")
+    else:
+        try:
+            check_url(spec.url, settings)
+        except OutboundRefused as exc:
+            errors.append(f"url: {exc}")
     if spec.match is not None:
         if rule := unstorable(spec.match):
             errors.append(f"match: {rule}")
