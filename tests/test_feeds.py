@@ -464,3 +464,34 @@ def test_redirects_are_followed_only_where_the_outbound_rules_allow(
     assert (
         refused["last_outcome"] == "failed" and "ROOMKEEPER_OUTBOUND_ALLOWED_HOSTS" in refused["last_detail"]
     )
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"name": "a\x00b", "url": "http://127.0.0.1/x.ics"},
+        {"name": "ok", "url": "http://127.0.0.1/x.ics", "timezone": "Europe/\x00"},
+        {"name": "ok", "url": "http://127.0.0.1/x.ics", "match": "\ud800"},
+        {"name": "ok", "url": "http://127.0.0.1/x.ics", "username": "a\x00", "password_env": "X"},
+        {"name": "ok", "url": "http://127.0.0.1/x.ics", "username": "a", "password": "p\x00"},
+        {"name": "ok", "url": "http://127.0.0.1/x.ics", "room": {"room_mode": 3}},
+        {"name": "ok", "url": "http://127.0.0.1/x.ics", "notify": {"task": "t"}},
+        {"name": "ok", "url": "http://127.0.0.1/x.ics", "horizon_days": 10**12},
+        {"name": "ok", "url": "http://127.0.0.1/x.ics", "password_env": "1BAD", "username": "u"},
+        {"name": "ok", "url": ["not", "a", "string"]},
+        {"name": "ok"},
+    ],
+)
+def test_http_bad_bodies_are_422_and_store_nothing(
+    configured: str, calendars: CalendarServer, body: dict[str, Any]
+) -> None:
+    token = tokens.create(f"bad-{hashlib.sha256(repr(body).encode()).hexdigest()[:8]}")
+    with TestClient(create_app()) as web:
+        answer = web.post(
+            "/v1/feeds",
+            content=json.dumps(body),  # escapes a lone surrogate, as a JSON client may send it
+            headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+        )
+    assert answer.status_code == 422, answer.text
+    assert answer.json()["errors"]
+    assert sync.list_feeds() == []
