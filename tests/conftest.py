@@ -103,7 +103,7 @@ def _drop_postgres_schema() -> Iterator[None]:
 
 
 _migrated: set[str] = set()
-TABLES = ("history", "outbox", "webhook_event", "room", "meeting")
+TABLES = ("history", "outbox", "event_delivery", "webhook_event", "room", "meeting")
 
 
 def _fresh_database(url: str) -> None:

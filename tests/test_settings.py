@@ -409,6 +409,8 @@ def test_beat_schedule_defaults(sandbox_env: None) -> None:
         "rooms.recover_overdue": 2,
         "rooms.reconcile": 300,
         "rooms.sweep_webhooks": 2,
+        "rooms.dispatch_deliveries": 15,
+        "feeds.poll_due": 30,
     }
 
 
@@ -422,5 +424,7 @@ def test_beat_schedule_follows_the_intervals(monkeypatch: pytest.MonkeyPatch, sa
         "rooms.recover_overdue": 1.5,
         "rooms.reconcile": 120,
         "rooms.sweep_webhooks": 1.5,
+        "rooms.dispatch_deliveries": 7,
+        "feeds.poll_due": 30,
     }
     assert celery_config(settings)["beat_schedule"] == beat_schedule(settings)

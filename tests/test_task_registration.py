@@ -19,6 +19,11 @@ EXPECTED_TASKS = {
     "rooms.reconcile",
     "rooms.apply_webhooks",
     "rooms.sweep_webhooks",
+    "rooms.schedule_meetings",
+    "rooms.deliver_events",
+    "rooms.dispatch_deliveries",
+    "feeds.poll_due",
+    "feeds.sync",
 }
 
 
@@ -38,10 +43,12 @@ def test_beat_runs_registered_tasks_in_its_own_process() -> None:
         "rooms.recover_overdue",
         "rooms.reconcile",
         "rooms.sweep_webhooks",
+        "rooms.dispatch_deliveries",
+        "feeds.poll_due",
     }
     assert scheduled <= set(app.tasks)
     assert symbol_by_name(app.conf.beat_scheduler) is InBeatScheduler
     in_beat = {entry["task"] for entry in schedule.values() if entry["options"].get(RUN_IN_BEAT)}
     assert in_beat == scheduled, "a tick sent as a task fills Flower's task list"
     at_start = {entry["task"] for entry in schedule.values() if entry["options"].get(RUN_AT_START)}
-    assert at_start == {"rooms.dispatch_due"}
+    assert at_start == {"rooms.dispatch_due", "feeds.poll_due"}

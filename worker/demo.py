@@ -18,11 +18,17 @@ from rich.table import Table
 
 from worker.localredis import ensure_redis, free_port
 from worker.processes import ROOT, process_env, run_processes
+from worker.sandbox import SandboxAdmin
 
 console = Console()
 LEAD_SECONDS = 6
 # A room counts as deleted "at its end" when it is gone within this long of its endDate.
 ON_TIME = timedelta(seconds=2)
+# The overrunning sample: someone stays this long past the end, then leaves; the room then waits
+# REJOIN_GRACE for a rejoin before it goes (CONTRACT §4.3).
+STAYS_PAST_END = timedelta(seconds=5)
+REJOIN_GRACE = timedelta(seconds=3)
+WEBHOOK_SECRET = "demo-webhook-secret"
 
 
 def _parse(value: str | None) -> datetime | None:
@@ -40,6 +46,15 @@ class Sample:
     deleted: datetime | None = None
     deleted_by: str | None = None
     verdict: str = ""
+    overrun: bool = False  # someone joins this one and stays past its end
+    participant: str | None = None
+    left: datetime | None = None
+    people: int = 0
+
+    @property
+    def due(self) -> datetime:
+        """When the contract says its room goes: at the end, or after the last one left + the grace."""
+        return self.left + REJOIN_GRACE if self.overrun and self.left else self.end
 
     def check(self) -> bool:
         problems = []
@@ -51,14 +66,17 @@ class Sample:
             problems.append("room not ready before the start")
         if self.deleted is None or self.deleted_by != "api":
             problems.append("room not deleted by the service")
-        elif not (self.end - timedelta(milliseconds=200) <= self.deleted <= self.end + ON_TIME):
-            problems.append(f"deleted {(self.deleted - self.end).total_seconds():+.1f}s from its end")
+        elif not (self.due - timedelta(milliseconds=200) <= self.deleted <= self.due + ON_TIME):
+            problems.append(f"deleted {(self.deleted - self.due).total_seconds():+.1f}s from when it was due")
+        if self.overrun and self.left is None:
+            problems.append("nobody stayed past its end")
         self.verdict = "ok" if not problems else "; ".join(problems)
         return not problems
 
 
 class Driver:
     def __init__(self, meetings: int, timeout: float, broker: str, sandbox: str, flower: str) -> None:
+        self.admin = SandboxAdmin(f"{sandbox}/_sandbox")
         self.count = meetings
         self.timeout = timeout
         self.caller = Celery(broker=broker, backend=broker)
@@ -86,7 +104,7 @@ class Driver:
         for i in range(self.count):
             start = now + timedelta(seconds=LEAD_SECONDS + 4 + 3 * i)
             end = start + timedelta(seconds=8 + 2 * i)
-            sample = Sample(f"demo-{now:%H%M%S}-{i + 1}", start, end)
+            sample = Sample(f"demo-{now:%H%M%S}-{i + 1}", start, end, overrun=i == 1)
             self.samples.append(sample)
             view = self.caller.send_task(
                 "rooms.schedule_meeting",
@@ -118,19 +136,33 @@ class Driver:
                 sample.created = _parse(room.get("created_at"))
                 sample.deleted = _parse(room.get("deleted_at"))
                 sample.deleted_by = room.get("deleted_by")
+                sample.people = int(room.get("participants") or 0)
+            self.act(sample, view)
         # Every room the sandbox holds must belong to exactly one sample: none duplicated, none stray.
         self.stray = len(rooms) - sum(len(s.room_ids) for s in self.samples)
         return all(s.state in ("ended", "failed", "cancelled") for s in self.samples)
 
+    def act(self, sample: Sample, view: dict[str, Any]) -> None:
+        """The overrunning sample's participant: joins once the room is ready, stays past the end."""
+        if not sample.overrun or not view["room"]:
+            return
+        now = datetime.now(UTC)
+        if sample.participant is None:
+            sample.participant = self.admin.join(view["room"]["meeting_id"], role="host")
+        elif sample.left is None and now >= sample.end + STAYS_PAST_END:
+            self.admin.leave(view["room"]["meeting_id"], sample.participant)
+            sample.left = datetime.now(UTC)
+
     def table(self) -> Table:
         now = datetime.now(UTC)
         table = Table(title=f"roomkeeper demo  ·  Flower: {self.flower}  ·  {now:%H:%M:%S} UTC")
-        for column in ("booking", "state", "starts in", "ends in", "room ready", "room deleted"):
+        for column in ("booking", "state", "people", "starts in", "ends in", "room ready", "room deleted"):
             table.add_column(column)
         for s in self.samples:
             table.add_row(
                 s.booking_id,
                 s.state,
+                str(s.people) + (" (stays past the end)" if s.overrun and not s.left else ""),
                 f"{(s.start - now).total_seconds():+.0f}s",
                 f"{(s.end - now).total_seconds():+.0f}s",
                 f"{(s.created - s.start).total_seconds():+.1f}s vs start" if s.created else "",
@@ -160,7 +192,14 @@ class Driver:
 
     def summary(self) -> None:
         table = Table(
-            "booking", "state", "rooms", "ready before start", "deleted after end", "verdict", title="summary"
+            "booking",
+            "state",
+            "rooms",
+            "ready before start",
+            "deleted after end",
+            "after it was due",
+            "verdict",
+            title="summary",
         )
         for s in self.samples:
             table.add_row(
@@ -169,14 +208,18 @@ class Driver:
                 str(len(s.room_ids)),
                 f"{(s.start - s.created).total_seconds():.1f}s" if s.created else "-",
                 f"{(s.deleted - s.end).total_seconds():.3f}s" if s.deleted else "-",
-                s.verdict,
+                f"{(s.deleted - s.due).total_seconds():.3f}s" if s.deleted else "-",
+                s.verdict + (" (ran over; went once its last participant had left)" if s.overrun else ""),
             )
         console.print(table)
         if self.error:
             console.print(f"[red]demo failed: {self.error}[/red]")
         if getattr(self, "stray", 0):
             console.print(f"[red]{self.stray} room(s) on the sandbox belong to no sample meeting[/red]")
-        verdict = "[green]every meeting got its room before its start and lost it at its end[/green]"
+        verdict = (
+            "[green]every meeting got its room before its start and lost it at its end; the one that ran"
+            " over kept its room until its last participant had left[/green]"
+        )
         console.print(
             verdict if self.ok else "[red]some meetings did not go through their lifecycle on time[/red]"
         )
@@ -205,6 +248,12 @@ def run_demo(meetings: int, timeout: float) -> int:
         "FLOWER_ADDRESS": "127.0.0.1",
         "ROOMKEEPER_WEB_PORT": str(web_port),
         "ROOMKEEPER_WEB_HOST": "127.0.0.1",
+        # Who is in each room: the sandbox sends signed webhooks to the web process, as Whereby would.
+        "ROOMKEEPER_WHEREBY_WEBHOOK_SECRET": WEBHOOK_SECRET,
+        "ROOMKEEPER_OVERRUN_MAX_SECONDS": "120",
+        "ROOMKEEPER_REJOIN_GRACE_SECONDS": str(REJOIN_GRACE.total_seconds()),
+        "SANDBOX_WEBHOOK_URL": f"http://127.0.0.1:{web_port}/whereby/webhooks",
+        "SANDBOX_WEBHOOK_SECRET": WEBHOOK_SECRET,
     }
     env_all = process_env(env)
     env_all.pop("WHEREBY_API_KEY", None)  # the demo never talks to the real Whereby

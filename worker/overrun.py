@@ -12,7 +12,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from worker import lifecycle
-from worker.facts import EARLY_SLACK, RELEASE, Change, MeetingFacts, RoomFacts, S
+from worker.facts import RELEASE, Change, MeetingFacts, RoomFacts, S
 from worker.models import RoomState
 
 
@@ -50,11 +50,7 @@ def session_probed(
     is asked about again after `poll`; a room emptied moments ago waits out the rejoin grace."""
     if ongoing:
         return held(meeting, room, now, now + poll, "Whereby reports a session going on")
-    if (
-        room.overrun_since is not None
-        and last_ended is not None
-        and last_ended + rejoin_grace > now + EARLY_SLACK
-    ):
+    if room.overrun_since is not None and last_ended is not None and last_ended + rejoin_grace > now:
         return held(
             meeting, room, now, last_ended + rejoin_grace, "emptied moments ago; waiting for a rejoin"
         )
