@@ -3,36 +3,23 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sys
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
-from rich.text import Text
 
 from config.settings import SettingsError, get_settings, reset_settings, whereby_unconfigured
+from worker.cli_common import _cells, _logging, console
+from worker.cli_feeds import feeds_cli
+from worker.cli_tokens import tokens_cli
 from worker.lifecycle import fmt
 from worker.models import MeetingState
 
 cli = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
-console = Console()
-
-
-def _cells(*values: str | None) -> list[Text]:
-    """Table cells shown as written: booking ids and Whereby's messages are not rich markup."""
-    return [Text(value or "") for value in values]
-
-
-def _logging() -> None:
-    from worker import redact
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    redact.install()
 
 
 @cli.command()
@@ -281,171 +268,8 @@ def retry(
     console.print(f"retried {len(retried)}: {escape(', '.join(retried)) or '-'}")
 
 
-tokens_cli = typer.Typer(
-    no_args_is_help=True, help="Bearer tokens for the HTTP API (/v1): create, list, revoke."
-)
 cli.add_typer(tokens_cli, name="tokens")
-
-
-@tokens_cli.command("create")
-def tokens_create(name: Annotated[str, typer.Argument(help="1-100 characters of a-z 0-9 . _ -")]) -> None:
-    """Make a token and print it, once: the store keeps only its SHA-256."""
-    from worker import tokens
-
-    try:
-        token = tokens.create(name)
-    except tokens.TokenError as exc:
-        print(exc, file=sys.stderr)
-        raise typer.Exit(1) from None
-    # The token alone on stdout (TOKEN=$(roomkeeper tokens create app) works); the advice on stderr.
-    print(token)
-    print(
-        f"token {name!r} created; it is shown only this once. Send it as 'Authorization: Bearer TOKEN'.",
-        file=sys.stderr,
-    )
-
-
-@tokens_cli.command("list")
-def tokens_list() -> None:
-    """Every token's name, when it was made, last used and revoked (never the token)."""
-    from worker import tokens
-
-    table = Table("name", "created", "last used", "revoked")
-    for info in tokens.list_tokens():
-        table.add_row(*_cells(info.name, fmt(info.created_at), fmt(info.last_used_at), fmt(info.revoked_at)))
-    console.print(table)
-
-
-@tokens_cli.command("revoke")
-def tokens_revoke(name: str) -> None:
-    """Revoke a token: from now on it is answered 401 (revoking again is not an error)."""
-    from worker import tokens
-
-    if not tokens.revoke(name):
-        print(f"name: no token called {name!r}", file=sys.stderr)
-        raise typer.Exit(1)
-    console.print(f"token {escape(name)} revoked")
-
-
-feeds_cli = typer.Typer(no_args_is_help=True, help="Calendar feeds (ICS URLs, CalDAV calendars) as bookings.")
 cli.add_typer(feeds_cli, name="feeds")
-
-
-def _feed_json(text: str | None, field: str) -> Any:
-    if text is None:
-        return None
-    try:
-        return json.loads(text)
-    except ValueError:
-        print(f"{field}: is not valid JSON", file=sys.stderr)
-        raise typer.Exit(1) from None
-
-
-def _feed_call(call: Any, *args: Any, **kwargs: Any) -> Any:
-    from worker.feeds import sync
-
-    try:
-        return call(*args, **kwargs)
-    except sync.FeedError as exc:
-        print(exc, file=sys.stderr)
-        raise typer.Exit(1) from None
-
-
-@feeds_cli.command("add")
-def feeds_add(
-    name: Annotated[str, typer.Argument(help="1-50 characters of A-Z a-z 0-9 _ - .")],
-    url: Annotated[str, typer.Argument(help="the ICS URL, or the CalDAV calendar's URL")],
-    match: Annotated[str | None, typer.Option(help="only events with this text (any case)")] = None,
-    horizon_days: Annotated[int, typer.Option(help="book occurrences this many days ahead")] = 14,
-    room: Annotated[str | None, typer.Option(help="room options, as JSON")] = None,
-    notify: Annotated[str | None, typer.Option(help="where events go, as JSON")] = None,
-    timezone: Annotated[str, typer.Option(help="zone of floating times when the feed names none")] = "UTC",
-    username: Annotated[str | None, typer.Option(help="CalDAV user name (makes it a CalDAV feed)")] = None,
-    password_env: Annotated[
-        str | None, typer.Option(help="the environment variable holding the CalDAV password")
-    ] = None,
-    password: Annotated[
-        str | None, typer.Option(help="the CalDAV password, kept encrypted (needs ROOMKEEPER_SECRET_KEY)")
-    ] = None,
-    caldav: Annotated[bool, typer.Option("--caldav", help="read the URL as a CalDAV calendar")] = False,
-) -> None:
-    """Add a feed: every event in its horizon (matching --match) becomes a booking."""
-    from worker.feeds import sync
-
-    spec = sync.FeedSpec(
-        name=name,
-        url=url,
-        match=match,
-        horizon_days=horizon_days,
-        room=_feed_json(room, "room"),
-        notify=_feed_json(notify, "notify"),
-        username=username,
-        password_env=password_env,
-        password=password,
-        timezone=timezone,
-        caldav=caldav,
-    )
-    _feed_call(sync.add_feed, spec)
-    console.print(f"feed {escape(name)} added; synced at the next poll (or: roomkeeper feeds sync NAME)")
-
-
-def _changes(changes: dict[str, Any] | None) -> str:
-    if not changes:
-        return "-"
-    return f"+{changes.get('booked', 0)} ~{changes.get('rescheduled', 0)} -{changes.get('cancelled', 0)}"
-
-
-@feeds_cli.command("list")
-def feeds_list() -> None:
-    """Every feed: its last poll, outcome, occurrences held and last changes (+booked ~moved -cancelled)."""
-    from worker.feeds import sync
-
-    table = Table("name", "kind", "last poll", "outcome", "occurrences", "changes", "url")
-    for feed in _feed_call(sync.list_feeds):
-        table.add_row(
-            *_cells(
-                feed["name"],
-                feed["kind"],
-                feed["last_poll_at"],
-                feed["last_outcome"],
-                str(feed["occurrences"]),
-                _changes(feed["last_changes"]),
-                feed["url"],
-            )
-        )
-    console.print(table)
-
-
-@feeds_cli.command("show")
-def feeds_show(name: str) -> None:
-    """One feed as JSON: settings, last poll and outcome, history, the bookings it holds."""
-    from worker.feeds import sync
-
-    print(json.dumps(_feed_call(sync.show_feed, name), indent=2))
-
-
-@feeds_cli.command("sync")
-def feeds_sync(
-    name: str,
-    force: Annotated[bool, typer.Option(help="accept a sudden loss of most occurrences")] = False,
-) -> None:
-    """Poll the feed now and apply what changed."""
-    from worker.feeds import sync
-
-    _logging()
-    result = _feed_call(sync.sync_feed, name, force=force)
-    print(json.dumps(result, indent=2))
-    if result.get("last_outcome") not in ("ok",):
-        raise typer.Exit(1)
-
-
-@feeds_cli.command("remove")
-def feeds_remove(name: str) -> None:
-    """Remove the feed; its bookings that have not ended are cancelled."""
-    from worker.feeds import sync
-
-    result = _feed_call(sync.remove_feed, name)
-    console.print(f"feed {escape(name)} removed; {result['cancelled']} booking(s) cancelled")
 
 
 def main() -> None:
