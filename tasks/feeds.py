@@ -6,7 +6,7 @@ from typing import Any
 
 from config.settings import get_settings
 from worker.app import app
-from worker.feeds import sync
+from worker.feeds import registry, sync
 
 
 @app.task(name="feeds.poll_due")
@@ -19,5 +19,5 @@ def poll_due() -> list[str]:
 def sync_feed(name: str) -> dict[str, Any]:
     try:
         return sync.sync_feed(name)
-    except sync.UnknownFeed:
+    except registry.UnknownFeed:
         return {"name": name, "last_outcome": "removed"}

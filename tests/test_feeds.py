@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 from tests.conftest import apply_settings
 from worker import booking, store, tokens
 from worker.cli import cli
-from worker.feeds import expand, sync
+from worker.feeds import expand, registry, sync
 from worker.models import Feed, FeedOccurrence, Outbox
 from worker.web.app import create_app
 
@@ -251,7 +251,7 @@ def test_sync_books_moves_cancels_and_re_expands_on_304(configured: str, calenda
         f"DTSTART;VALUE=DATE:{t.strftime('%Y%m%d')}\r\nSUMMARY:whereby day\r\nEND:VEVENT",
     }
     url = calendars.put("/team.ics", vcalendar(*events.values()))
-    sync.add_feed(sync.FeedSpec(name="team", url=url, match="WHEREBY", horizon_days=3))
+    registry.add_feed(registry.FeedSpec(name="team", url=url, match="WHEREBY", horizon_days=3))
 
     result = sync.sync_feed("team")
     assert result["last_outcome"] == "ok", result
@@ -262,7 +262,7 @@ def test_sync_books_moves_cancels_and_re_expands_on_304(configured: str, calenda
         if t + timedelta(days=d) < horizon_end
     }
     single = f"feed:team:single@x:{stamp(t + timedelta(hours=3))}"
-    shown = sync.show_feed("team")
+    shown = registry.show_feed("team")
     held = {b["booking_id"] for b in shown["bookings"]}
     assert single in held and ids <= held
     assert not any("lunch" in b or "allday" in b for b in held)
@@ -307,7 +307,7 @@ def test_sync_books_moves_cancels_and_re_expands_on_304(configured: str, calenda
     calendars.put("/team.ics", vcalendar(*events.values()))
     assert sync.sync_feed("team")["last_changes"]["cancelled"] == 1
     assert state(f"feed:team:new@x:{stamp(t + timedelta(hours=6))}") == "cancelled"
-    history = sync.show_feed("team")["history"]
+    history = registry.show_feed("team")["history"]
     assert [h["outcome"] for h in history] == ["ok"] * 4
 
     # A 304 still moves the horizon: two days later the series' later days are booked.
@@ -325,9 +325,9 @@ def test_a_feed_that_breaks_changes_nothing_and_is_reported(
     good = vcalendar(*(vevent(f"e{i}@x", t + timedelta(hours=i)) for i in range(6)))
     url = calendars.put("/b.ics", good)
     notify = {"task": "tests.feed_events", "queue": "feed-events"}
-    sync.add_feed(sync.FeedSpec(name="b", url=url, notify=notify))
+    registry.add_feed(registry.FeedSpec(name="b", url=url, notify=notify))
     assert sync.sync_feed("b")["last_outcome"] == "ok"
-    held = {b["booking_id"] for b in sync.show_feed("b")["bookings"]}
+    held = {b["booking_id"] for b in registry.show_feed("b")["bookings"]}
     assert len(held) == 6
 
     breakages = [
@@ -341,7 +341,7 @@ def test_a_feed_that_breaks_changes_nothing_and_is_reported(
         calendars.put("/b.ics", body, status=status, ctype=ctype)
         result = sync.sync_feed("b")
         assert result["last_outcome"] == "failed" and why in result["last_detail"], (why, result)
-        assert {b["booking_id"] for b in sync.show_feed("b")["bookings"]} == held
+        assert {b["booking_id"] for b in registry.show_feed("b")["bookings"]} == held
         assert all(state(bid) == "scheduled" for bid in held)
 
     # Most occurrences vanish at once: suspicious, nothing cancelled.
@@ -357,7 +357,7 @@ def test_a_feed_that_breaks_changes_nothing_and_is_reported(
         ]
     assert [k["event"] for k in sent] == ["feed.failed"] * 5 + ["feed.suspicious"]
     assert all(k["feed"] == "b" for k in sent)
-    shown = sync.show_feed("b")
+    shown = registry.show_feed("b")
     assert shown["last_outcome"] == "suspicious"
     assert [h["outcome"] for h in shown["history"]] == ["ok"] + ["failed"] * 5 + ["suspicious"]
 
@@ -368,9 +368,9 @@ def test_a_feed_that_breaks_changes_nothing_and_is_reported(
 
 
 def test_add_refuses_bad_input_and_stores_nothing(configured: str, calendars: CalendarServer) -> None:
-    with pytest.raises(sync.FeedError) as refused:
-        sync.add_feed(
-            sync.FeedSpec(
+    with pytest.raises(registry.FeedError) as refused:
+        registry.add_feed(
+            registry.FeedSpec(
                 name="bad name!",
                 url="http://10.0.0.1/cal.ics",
                 horizon_days=0,
@@ -381,23 +381,23 @@ def test_add_refuses_bad_input_and_stores_nothing(configured: str, calendars: Ca
     message = str(refused.value)
     for field in ("name:", "url:", "horizon_days:", "room.room_mode:", "timezone:"):
         assert field in message
-    with pytest.raises(sync.FeedError, match="url: must not carry credentials"):
-        sync.add_feed(sync.FeedSpec(name="c", url="http://user:secret@127.0.0.1/x.ics"))
-    with pytest.raises(sync.FeedError, match="url: must be at most 2000 characters"):
-        sync.add_feed(sync.FeedSpec(name="n", url="http://127.0.0.1/\x00.ics"))
-    assert sync.list_feeds() == []
+    with pytest.raises(registry.FeedError, match="url: must not carry credentials"):
+        registry.add_feed(registry.FeedSpec(name="c", url="http://user:secret@127.0.0.1/x.ics"))
+    with pytest.raises(registry.FeedError, match="url: must be at most 2000 characters"):
+        registry.add_feed(registry.FeedSpec(name="n", url="http://127.0.0.1/\x00.ics"))
+    assert registry.list_feeds() == []
     url = calendars.put("/d.ics", vcalendar())
-    sync.add_feed(sync.FeedSpec(name="d", url=url))
-    with pytest.raises(sync.FeedError, match="exists already"):
-        sync.add_feed(sync.FeedSpec(name="d", url=url))
-    with pytest.raises(sync.UnknownFeed):
+    registry.add_feed(registry.FeedSpec(name="d", url=url))
+    with pytest.raises(registry.FeedError, match="exists already"):
+        registry.add_feed(registry.FeedSpec(name="d", url=url))
+    with pytest.raises(registry.UnknownFeed):
         sync.sync_feed("nope")
 
 
 def test_beat_poll_sends_each_due_feed_once(configured: str, calendars: CalendarServer) -> None:
     url = calendars.put("/p.ics", vcalendar())
-    sync.add_feed(sync.FeedSpec(name="p1", url=url))
-    sync.add_feed(sync.FeedSpec(name="p2", url=url))
+    registry.add_feed(registry.FeedSpec(name="p1", url=url))
+    registry.add_feed(registry.FeedSpec(name="p2", url=url))
     sent: list[str] = []
     assert sorted(sync.poll_due(sent.append)) == ["p1", "p2"]
     assert sync.poll_due(sent.append) == []  # not due again for one interval
@@ -407,7 +407,7 @@ def test_beat_poll_sends_each_due_feed_once(configured: str, calendars: Calendar
 
 def test_a_second_sync_while_one_holds_the_claim_is_busy(configured: str, calendars: CalendarServer) -> None:
     url = calendars.put("/c.ics", vcalendar())
-    sync.add_feed(sync.FeedSpec(name="c", url=url))
+    registry.add_feed(registry.FeedSpec(name="c", url=url))
     assert sync._claim("c", datetime.now(UTC)) is not None
     assert sync.sync_feed("c")["last_outcome"] == "busy"
 
@@ -457,8 +457,8 @@ def test_redirects_are_followed_only_where_the_outbound_rules_allow(
     calendars.put("/real.ics", vcalendar(vevent("r@x", t)))
     calendars.redirects["/moved.ics"] = "/real.ics"
     calendars.redirects["/inside.ics"] = "http://10.0.0.1/cal.ics"
-    sync.add_feed(sync.FeedSpec(name="moved", url=calendars.url + "/moved.ics"))
-    sync.add_feed(sync.FeedSpec(name="inside", url=calendars.url + "/inside.ics"))
+    registry.add_feed(registry.FeedSpec(name="moved", url=calendars.url + "/moved.ics"))
+    registry.add_feed(registry.FeedSpec(name="inside", url=calendars.url + "/inside.ics"))
     assert sync.sync_feed("moved")["last_changes"]["booked"] == 1
     refused = sync.sync_feed("inside")
     assert (
@@ -494,4 +494,4 @@ def test_http_bad_bodies_are_422_and_store_nothing(
         )
     assert answer.status_code == 422, answer.text
     assert answer.json()["errors"]
-    assert sync.list_feeds() == []
+    assert registry.list_feeds() == []

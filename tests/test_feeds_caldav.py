@@ -19,7 +19,7 @@ from sqlmodel import delete
 from tests.conftest import apply_settings
 from tests.test_feeds import base, stamp, vcalendar, vevent
 from worker import booking, store
-from worker.feeds import sync
+from worker.feeds import registry, sync
 from worker.models import Feed, FeedOccurrence
 
 PASSWORD = "radicale-pass-7f3e"
@@ -81,8 +81,8 @@ def test_caldav_calendar_becomes_bookings(radicale: str, caplog: pytest.LogCaptu
     single = calendar.save_event(vcalendar(vevent("dav-one@x", t + timedelta(hours=2))))
     calendar.save_event(vcalendar(vevent("dav-lunch@x", t + timedelta(hours=3), summary="Lunch")))
 
-    sync.add_feed(
-        sync.FeedSpec(
+    registry.add_feed(
+        registry.FeedSpec(
             name="dav",
             url=calendar_url,
             match="whereby",
@@ -98,7 +98,7 @@ def test_caldav_calendar_becomes_bookings(radicale: str, caplog: pytest.LogCaptu
         f"feed:dav:dav-series@x:{stamp(t + timedelta(days=1))}",
         f"feed:dav:dav-one@x:{stamp(t + timedelta(hours=2))}",
     }
-    assert {b["booking_id"] for b in sync.show_feed("dav")["bookings"]} == expected
+    assert {b["booking_id"] for b in registry.show_feed("dav")["bookings"]} == expected
     for bid in expected:
         assert booking.get_meeting(bid)["state"] == "scheduled"
 
@@ -112,9 +112,9 @@ def test_caldav_calendar_becomes_bookings(radicale: str, caplog: pytest.LogCaptu
     failed = sync.sync_feed("dav")
     assert failed["last_outcome"] == "failed"
     assert booking.get_meeting(f"feed:dav:dav-series@x:{stamp(t)}")["state"] == "scheduled"
-    shown = str(sync.show_feed("dav")) + str(sync.list_feeds()) + caplog.text
+    shown = str(registry.show_feed("dav")) + str(registry.list_feeds()) + caplog.text
     assert PASSWORD not in shown
-    assert "TEST_CALDAV_PASSWORD" in str(sync.show_feed("dav"))
+    assert "TEST_CALDAV_PASSWORD" in str(registry.show_feed("dav"))
 
 
 def test_caldav_password_stored_encrypted(radicale: str) -> None:
@@ -125,19 +125,19 @@ def test_caldav_password_stored_encrypted(radicale: str) -> None:
     client = caldav.DAVClient(url=radicale, username="alice", password=PASSWORD)
     calendar = client.principal().make_calendar(name="enc", cal_id="enc")
     calendar.save_event(vcalendar(vevent("enc@x", t)))
-    spec = sync.FeedSpec(name="enc", url=str(calendar.url), username="alice", password=PASSWORD)
-    with pytest.raises(sync.FeedError, match="password: storing a password needs ROOMKEEPER_SECRET_KEY"):
-        sync.add_feed(spec)
+    spec = registry.FeedSpec(name="enc", url=str(calendar.url), username="alice", password=PASSWORD)
+    with pytest.raises(registry.FeedError, match="password: storing a password needs ROOMKEEPER_SECRET_KEY"):
+        registry.add_feed(spec)
     apply_settings(ROOMKEEPER_SECRET_KEY=Fernet.generate_key().decode())
     try:
-        added = sync.add_feed(spec)
+        added = registry.add_feed(spec)
         assert added["password"] == "stored encrypted" and PASSWORD not in str(added)
         result = sync.sync_feed("enc")
         assert result["last_outcome"] == "ok" and result["last_changes"]["booked"] == 1
         with store.session_scope() as session:
             row = session.execute(text("SELECT * FROM feed WHERE name = 'enc'")).one()
         assert PASSWORD not in str(tuple(row))
-        assert PASSWORD not in str(sync.show_feed("enc")) + str(sync.list_feeds())
+        assert PASSWORD not in str(registry.show_feed("enc")) + str(registry.list_feeds())
         # Another key cannot read it: the sync fails and changes nothing.
         apply_settings(ROOMKEEPER_SECRET_KEY=Fernet.generate_key().decode())
         failed = sync.sync_feed("enc")

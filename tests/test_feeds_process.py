@@ -15,7 +15,7 @@ from tests.conftest import apply_settings, wait_for
 from tests.harness import ProcessSystem
 from tests.test_feeds import CalendarServer, stamp, vcalendar, vevent
 from worker import booking, store
-from worker.feeds import sync
+from worker.feeds import registry
 from worker.models import Feed, FeedOccurrence
 from worker.sandbox import SandboxServer
 
@@ -56,7 +56,7 @@ def test_edits_reach_bookings_within_a_poll_interval(
         a = vevent("a@x", t, summary="a whereby")
         b = vevent("b@x", t + timedelta(hours=1), summary="b whereby")
         url = server.put("/p.ics", vcalendar(a))
-        sync.add_feed(sync.FeedSpec(name="proc", url=url))
+        registry.add_feed(registry.FeedSpec(name="proc", url=url))
         a_id, b_id = f"feed:proc:a@x:{stamp(t)}", f"feed:proc:b@x:{stamp(t + timedelta(hours=1))}"
 
         procs.start_worker()
@@ -69,8 +69,8 @@ def test_edits_reach_bookings_within_a_poll_interval(
         assert wait_for(lambda: state_of(a_id) == "cancelled", timeout=20)
         assert state_of(b_id) == "scheduled"
         # Unchanged since: the next polls are 304s, and still evaluated.
-        assert wait_for(lambda: sync.show_feed("proc")["not_modified"] >= 1, timeout=20)
-        shown = sync.show_feed("proc")
+        assert wait_for(lambda: registry.show_feed("proc")["not_modified"] >= 1, timeout=20)
+        shown = registry.show_feed("proc")
         assert shown["last_outcome"] == "ok" and shown["downloads"] == 3 and shown["occurrences"] == 1
     finally:
         server.close()

@@ -15,7 +15,7 @@ from tests.conftest import Events, apply_settings, wait_for
 from tests.test_feeds import CalendarServer, stamp, vcalendar, vevent
 from worker import booking, store
 from worker.app import app
-from worker.feeds import sync
+from worker.feeds import registry, sync
 from worker.models import Feed, FeedOccurrence
 from worker.sandbox import SandboxAdmin
 
@@ -53,7 +53,9 @@ def test_feed_occurrences_get_rooms_and_lose_them(
     keep = vevent("keep@x", start, minutes=10, summary="whereby keep")
     drop = vevent("drop@x", start + timedelta(seconds=1), minutes=10, summary="whereby drop")
     url = served.put("/live.ics", vcalendar(keep, drop))
-    sync.add_feed(sync.FeedSpec(name="live", url=url, notify={"task": "tests.events", "queue": events.queue}))
+    registry.add_feed(
+        registry.FeedSpec(name="live", url=url, notify={"task": "tests.events", "queue": events.queue})
+    )
 
     app.tasks["feeds.poll_due"]()  # beat's pass, as beat runs it: sends feeds.sync to the worker
     keep_id, drop_id = (
@@ -62,7 +64,7 @@ def test_feed_occurrences_get_rooms_and_lose_them(
     )
     wait_for(lambda: has_room(keep_id) and has_room(drop_id), timeout=30)
     assert len([room for room in sandbox.rooms() if not room["deleted_at"]]) == 2
-    assert sync.show_feed("live")["last_outcome"] == "ok"
+    assert registry.show_feed("live")["last_outcome"] == "ok"
 
     # The second event is deleted from the calendar: its booking is cancelled, its room deleted.
     served.put("/live.ics", vcalendar(keep))

@@ -26,11 +26,11 @@ def _feed_json(text: str | None, field: str) -> Any:
 
 
 def _feed_call(call: Any, *args: Any, **kwargs: Any) -> Any:
-    from worker.feeds import sync
+    from worker.feeds import registry
 
     try:
         return call(*args, **kwargs)
-    except sync.FeedError as exc:
+    except registry.FeedError as exc:
         print(exc, file=sys.stderr)
         raise typer.Exit(1) from None
 
@@ -54,9 +54,9 @@ def feeds_add(
     caldav: Annotated[bool, typer.Option("--caldav", help="read the URL as a CalDAV calendar")] = False,
 ) -> None:
     """Add a feed: every event in its horizon (matching --match) becomes a booking."""
-    from worker.feeds import sync
+    from worker.feeds import registry
 
-    spec = sync.FeedSpec(
+    spec = registry.FeedSpec(
         name=name,
         url=url,
         match=match,
@@ -69,7 +69,7 @@ def feeds_add(
         timezone=timezone,
         caldav=caldav,
     )
-    _feed_call(sync.add_feed, spec)
+    _feed_call(registry.add_feed, spec)
     console.print(f"feed {escape(name)} added; synced at the next poll (or: roomkeeper feeds sync NAME)")
 
 
@@ -82,10 +82,10 @@ def _changes(changes: dict[str, Any] | None) -> str:
 @feeds_cli.command("list")
 def feeds_list() -> None:
     """Every feed: its last poll, outcome, occurrences held and last changes (+booked ~moved -cancelled)."""
-    from worker.feeds import sync
+    from worker.feeds import registry
 
     table = Table("name", "kind", "last poll", "outcome", "occurrences", "changes", "url")
-    for feed in _feed_call(sync.list_feeds):
+    for feed in _feed_call(registry.list_feeds):
         table.add_row(
             *_cells(
                 feed["name"],
@@ -103,9 +103,9 @@ def feeds_list() -> None:
 @feeds_cli.command("show")
 def feeds_show(name: str) -> None:
     """One feed as JSON: settings, last poll and outcome, history, the bookings it holds."""
-    from worker.feeds import sync
+    from worker.feeds import registry
 
-    print(json.dumps(_feed_call(sync.show_feed, name), indent=2))
+    print(json.dumps(_feed_call(registry.show_feed, name), indent=2))
 
 
 @feeds_cli.command("sync")
@@ -126,7 +126,7 @@ def feeds_sync(
 @feeds_cli.command("remove")
 def feeds_remove(name: str) -> None:
     """Remove the feed; its bookings that have not ended are cancelled."""
-    from worker.feeds import sync
+    from worker.feeds import registry
 
-    result = _feed_call(sync.remove_feed, name)
+    result = _feed_call(registry.remove_feed, name)
     console.print(f"feed {escape(name)} removed; {result['cancelled']} booking(s) cancelled")

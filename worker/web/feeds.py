@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
-from worker.feeds import sync
+from worker.feeds import registry, sync
 from worker.web.auth import UNAUTHORIZED, require_token
 from worker.web.problems import RESPONSES, bad_input, problem
 
@@ -49,7 +49,7 @@ class FeedBody(BaseModel):
     caldav: bool = Field(default=False, description="read the URL as a CalDAV calendar")
 
 
-def _errors(exc: sync.FeedError) -> list[tuple[str, str]]:
+def _errors(exc: registry.FeedError) -> list[tuple[str, str]]:
     found = []
     for part in str(exc).split("; "):
         field, _, rule = part.partition(": ")
@@ -57,8 +57,8 @@ def _errors(exc: sync.FeedError) -> list[tuple[str, str]]:
     return found
 
 
-def _refused(exc: sync.FeedError) -> JSONResponse:
-    if isinstance(exc, sync.UnknownFeed):
+def _refused(exc: registry.FeedError) -> JSONResponse:
+    if isinstance(exc, registry.UnknownFeed):
         return problem(404, "Not found", str(exc))
     if "exists already" in str(exc):
         return problem(409, "Conflict", str(exc), _errors(exc))
@@ -67,30 +67,30 @@ def _refused(exc: sync.FeedError) -> JSONResponse:
 
 @router.get("", summary="every feed, with its last poll")
 async def list_feeds() -> dict[str, Any]:
-    return {"results": await run_in_threadpool(sync.list_feeds)}
+    return {"results": await run_in_threadpool(registry.list_feeds)}
 
 
 @router.post("", status_code=201, responses=RESPONSES, summary="add a feed")
 async def create_feed(body: FeedBody) -> Any:
     try:
-        return await run_in_threadpool(sync.add_feed, sync.FeedSpec(**body.model_dump()))
-    except sync.FeedError as exc:
+        return await run_in_threadpool(registry.add_feed, registry.FeedSpec(**body.model_dump()))
+    except registry.FeedError as exc:
         return _refused(exc)
 
 
 @router.get("/{name}", summary="one feed: its last polls, outcome, changes and bookings")
 async def show_feed(name: FeedName) -> Any:
     try:
-        return await run_in_threadpool(sync.show_feed, name)
-    except sync.FeedError as exc:
+        return await run_in_threadpool(registry.show_feed, name)
+    except registry.FeedError as exc:
         return _refused(exc)
 
 
 @router.delete("/{name}", summary="remove a feed; its bookings not yet ended are cancelled")
 async def remove_feed(name: FeedName) -> Any:
     try:
-        return await run_in_threadpool(sync.remove_feed, name)
-    except sync.FeedError as exc:
+        return await run_in_threadpool(registry.remove_feed, name)
+    except registry.FeedError as exc:
         return _refused(exc)
 
 
@@ -98,5 +98,5 @@ async def remove_feed(name: FeedName) -> Any:
 async def sync_feed(name: FeedName, force: Annotated[bool, Query()] = False) -> Any:
     try:
         return await run_in_threadpool(lambda: sync.sync_feed(name, force=force))
-    except sync.FeedError as exc:
+    except registry.FeedError as exc:
         return _refused(exc)
