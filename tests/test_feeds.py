@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlmodel import delete, select
+from sqlmodel import col, delete, select
 from typer.testing import CliRunner
 
 from tests.conftest import apply_settings
@@ -353,7 +353,9 @@ def test_a_feed_that_breaks_changes_nothing_and_is_reported(
     with store.session_scope() as session:
         sent = [
             row.kwargs
-            for row in session.execute(select(Outbox).where(Outbox.booking_id == "feed:b")).scalars()
+            for row in session.execute(
+                select(Outbox).where(Outbox.booking_id == "feed:b").order_by(col(Outbox.id))
+            ).scalars()
         ]
     assert [k["event"] for k in sent] == ["feed.failed"] * 5 + ["feed.suspicious"]
     assert all(k["feed"] == "b" for k in sent)
