@@ -249,6 +249,7 @@ class Stack:
         procs = ProcessSystem(db.url, sandbox.url, sandbox.admin_url)
         procs.env.update(SERVICE_SETTINGS)
         procs.env.update(settings or {})
+        procs.logs.rmdir()  # the harness's own log directory: this stack's logs go to `logs`
         procs.logs = logs
         stack = cls(sandbox, procs, db, logs)
         for _ in range(workers):

@@ -13,7 +13,8 @@ a Celery task per meeting with `eta`, plus its visibility-timeout duplicates), i
 bookings sent at once), bookings (bookings a second one at a time and in batches, over Celery
 and HTTP, beside the naive recipe's sends), throughput (creations a second by worker concurrency),
 store (dispatcher tick and reconciler pass with 10k..1M stored meetings, SQLite and PostgreSQL),
-budget (100 points a minute and more work than that). Peak memory of the worker and beat is read
+budget (100 points a minute and more work than that), burst (1,000, 3,000 and 10,000 meetings whose
+rooms fall due within a few seconds, bench/burst.py). Peak memory of the worker and beat is read
 off every phase.
 """
 
@@ -51,7 +52,7 @@ from tests.harness import parse
 from worker.localredis import EmbeddedRedis
 from worker.localredis import answers as redis_answers
 
-PHASES = ("precision", "naive", "intake", "bookings", "throughput", "store", "budget")
+PHASES = ("precision", "naive", "intake", "bookings", "throughput", "store", "budget", "burst")
 DEFAULT_POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
 SEND_TIMEOUT = 600.0
 
@@ -460,6 +461,13 @@ def phase_bookings(args: argparse.Namespace, rng: random.Random) -> dict[str, An
     return bookings.phase(args)
 
 
+def phase_burst(args: argparse.Namespace, rng: random.Random) -> dict[str, Any]:
+    """Bursts of due work on one worker: every room made and deleted, and at what cost (bench/burst.py)."""
+    from bench import burst
+
+    return burst.phase(args)
+
+
 RUNNERS: dict[str, Callable[[argparse.Namespace, random.Random], dict[str, Any]]] = {
     "precision": phase_precision,
     "naive": phase_naive,
@@ -468,6 +476,7 @@ RUNNERS: dict[str, Callable[[argparse.Namespace, random.Random], dict[str, Any]]
     "store": phase_store,
     "budget": phase_budget,
     "bookings": phase_bookings,
+    "burst": phase_burst,
 }
 
 
@@ -547,6 +556,10 @@ def table(report: dict[str, Any]) -> str:
             f"{f['creation_delay_s']['max']} s, creations ahead of an overdue deletion "
             f"{f['creations_ahead_of_an_overdue_deletion']}, failed {f['failed']}"
         )
+    if "burst" in phases:
+        from bench import burst
+
+        lines.extend(burst.lines(phases["burst"]))
     memory = report.get("peak_memory_mib")
     if memory:
         lines.append(f"peak memory (VmHWM): worker {memory['worker']} MiB, beat {memory['beat']} MiB")
@@ -585,6 +598,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--sizes", help="stored meetings for store scaling (default 10000,100000,1000000)")
     parser.add_argument("--repeats", type=int, default=5, help="repeats of timed store operations")
     parser.add_argument("--budget-meetings", type=int, default=40)
+    parser.add_argument(
+        "--burst-sizes", help="burst: meetings[/window s], e.g. 1000/5,3000/3 (default 1000,3000,10000)"
+    )
+    parser.add_argument(
+        "--burst-window", type=float, default=3.0, help="burst: seconds the rooms fall due within"
+    )
+    parser.add_argument("--burst-concurrency", type=int, default=16, help="burst: the worker's threads")
     parser.add_argument("--latency", type=float, default=50.0, help="sandbox latency, ms")
     parser.add_argument("--lead", type=float, default=20.0, help="ROOMKEEPER_CREATE_LEAD_SECONDS")
     parser.add_argument("--duration", type=float, default=30.0, help="meeting length, s")
@@ -605,6 +625,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.sizes = [
         int(x) for x in (args.sizes or ("10000,100000" if quick else "10000,100000,1000000")).split(",")
     ]
+    from bench.burst import parse_sizes
+
+    args.burst_sizes = parse_sizes(
+        args.burst_sizes or ("1000" if quick else "1000,3000,10000"), args.burst_window
+    )
     args.only = [p.strip() for p in args.only.split(",") if p.strip()]
     unknown = set(args.only) - set(PHASES)
     if unknown:
