@@ -17,6 +17,8 @@ VISIBILITY_TIMEOUT_SECONDS = 3600
 RUN_IN_BEAT = "run_in_beat"
 RUN_AT_START = "run_at_start"
 
+POOLS = {"threads": "worker.pool:TaskPool"}
+
 
 def celery_config(settings: Settings) -> dict[str, Any]:
     transport_options = {"visibility_timeout": VISIBILITY_TIMEOUT_SECONDS}
@@ -48,7 +50,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_send_task_events": True,
         "task_track_started": True,
         "worker_hijack_root_logger": False,
-        "worker_pool": settings.worker_pool,
+        # `threads` is Celery's threads pool with deletions ahead of creations (worker/pool.py).
+        "worker_pool": POOLS.get(settings.worker_pool, settings.worker_pool),
         "worker_concurrency": settings.worker_concurrency,
         # Beat keeps no schedule file: the database holds the schedule, and a restarted beat
         # should dispatch at once rather than wait out an interval it remembers. This subclass of

@@ -9,9 +9,14 @@ once the store holds its retry: FAILURE with the reason in Flower, no worker slo
 
 from __future__ import annotations
 
-from worker import creation, deletion
+from typing import Any
+
+from celery.signals import task_received
+
+from worker import claims, creation, deletion
 from worker.app import app
 from worker.errors import WherebyCallFailed
+from worker.models import Meeting, Room
 
 
 @app.task(name="rooms.create_room", ignore_result=True, throws=(WherebyCallFailed,))
@@ -22,3 +27,22 @@ def create_room(meeting_pk: int, claim: str, booking_id: str = "") -> str:
 @app.task(name="rooms.delete_room", ignore_result=True, throws=(WherebyCallFailed,))
 def delete_room(room_pk: int, claim: str, booking_id: str = "") -> str:
     return deletion.delete_room(room_pk, claim)
+
+
+_HELD: dict[str, tuple[type[Meeting] | type[Room], str]] = {
+    "rooms.create_room": (Meeting, "meeting_pk"),
+    "rooms.delete_room": (Room, "room_pk"),
+}
+
+
+@task_received.connect
+def _hold_while_waiting(request: Any = None, **_: Any) -> None:
+    # A received room message may wait here for its ETA or a free thread; its row's lease is kept
+    # alive meanwhile, so the dispatcher sends it again only if this worker dies (worker/claims.py).
+    held = _HELD.get(getattr(request, "name", ""))
+    if held is not None:
+        model, key = held
+        kwargs = request.kwargs or {}
+        pk, claim = kwargs.get(key), kwargs.get("claim")
+        if isinstance(pk, int) and isinstance(claim, str):
+            claims.message_received(model, pk, claim)

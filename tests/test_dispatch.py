@@ -118,63 +118,121 @@ def test_two_dispatchers_at_once_send_each_due_meeting_once(sent: list[Sent]) ->
     assert sorted(creations(sent)) == sorted(pks)
 
 
-def test_a_backlog_is_resent_with_backoff_not_at_every_recovery_pass(sent: list[Sent]) -> None:
-    """Messages sent but not started (a worker far behind, or dead): the recovery pass sends each
-    again once, then waits as long again as it was overdue before the next copy."""
+def lapse(pks: list[int]) -> None:
+    """As if every lease given so far had run out."""
+    with session_scope() as session:
+        lapsed = utcnow() - timedelta(seconds=1)
+        session.execute(update(Meeting).where(col(Meeting.id).in_(pks)).values(claim_until=lapsed))
+
+
+def test_a_message_held_by_a_live_worker_is_never_resent_however_late(sent: list[Sent]) -> None:
+    """A backlog: a worker holds messages it cannot start yet and renews their leases. They are not
+    sent again, however overdue; the messages nobody holds (lost, or their worker died) are, once,
+    and then only after waiting as long again as they were overdue."""
     pks = store_meetings("backlog", 20, due_in=-3)
-    assert dispatch.dispatch_due() == {"create": 20, "delete": 0}  # sent, and nobody starts them
+    assert dispatch.dispatch_due() == {"create": 20, "delete": 0}
+    tokens = claims_of(pks)
+    held, lost = pks[:10], pks[10:]
+    for pk in held:  # what the worker's task_received hook does for each message it gets
+        claims.message_received(Meeting, pk, str(tokens[pk]))
     sent.clear()
-
-    assert dispatch.dispatch_due(overdue_only=True)["create"] == 20  # 3 s overdue: sent again
-    resent = claims_of(pks)
-    assert all(claim is not None and claim.startswith(claims.RESEND_CLAIM) for claim in resent.values())
-    assert {s.kwargs["claim"] for s in sent} == set(resent.values())
-    for _ in range(5):  # every later pass within the wait sends nothing more
-        assert dispatch.dispatch_due(overdue_only=True)["create"] == 0
-    assert len(sent) == 20
+    lapse(pks)  # time passes: every lease the dispatcher gave runs out …
+    for _ in range(3):
+        claims.renewer.renew(claims.renewer.held(), 4.0)  # … but the worker renews the ones it holds
+        dispatch.dispatch_due(overdue_only=True)
+        lapse(held)  # (its renewals lapse in turn, and are renewed again)
+    assert sorted(creations(sent)) == sorted(lost)  # sent again once, the held ones never
+    resent = claims_of(lost)
+    assert all(str(token).startswith(claims.RESEND_CLAIM) for token in resent.values())
+    assert claims_of(held) == {pk: tokens[pk] for pk in held}
     with session_scope() as session:
-        held = [m.claim_until for m in session.exec(select(Meeting).where(col(Meeting.id).in_(pks)))]
-    assert all(until is not None and until >= utcnow() + timedelta(seconds=3) for until in held)
+        leases = [m.claim_until for m in session.exec(select(Meeting).where(col(Meeting.id).in_(lost)))]
+    # Nobody received the copies yet: they wait at least a lease before the next one.
+    assert all(until is not None and until >= utcnow() + timedelta(seconds=3) for until in leases)
 
-    # Once that wait has run out, the work goes once more, and waits longer still.
-    with session_scope() as session:
-        session.execute(update(Meeting).values(claim_until=utcnow() - timedelta(seconds=1)))
-    assert dispatch.dispatch_due(overdue_only=True)["create"] == 20
-    assert len(sent) == 40
+    # The worker holding the first ten dies: its leases lapse, and they go again.
+    for pk in held:
+        claims.renewer.release((Meeting, pk, str(tokens[pk])))
+    sent.clear()
+    lapse(held)
+    assert dispatch.dispatch_due(overdue_only=True)["create"] == 10
+    assert sorted(creations(sent)) == sorted(held)
 
 
-def test_a_queue_being_worked_through_is_not_resent_but_a_message_lost_behind_it_is(
-    sent: list[Sent],
+def test_a_late_copy_does_the_work_if_nobody_started_it_and_nothing_if_somebody_did(
+    sent: list[Sent], sandbox: SandboxAdmin
 ) -> None:
-    """Workers take messages in due order: while work due no later than a waiting row is running,
-    that row waits its turn; once only later work runs, its message was lost with a dead worker."""
-    older = store_meetings("older", 1, due_in=-8)
-    waiting = store_meetings("waiting", 10, due_in=-5)
-    assert dispatch.dispatch_due() == {"create": 11, "delete": 0}
-    sent.clear()
+    """Sending a row again never spoils the copy already queued: the first to start makes the
+    room, whichever it is; every other copy finds nothing to do."""
+    (pk,) = store_meetings("copies", 1, due_in=-1)
+    dispatch.dispatch_due()
+    first = claims_of([pk])[pk]
+    lapse([pk])
+    assert dispatch.dispatch_due(overdue_only=True)["create"] == 1
+    second = claims_of([pk])[pk]
+    assert first != second and str(second).startswith(claims.RESEND_CLAIM)
 
-    def running(pks: list[int]) -> None:
-        with session_scope() as session:
-            session.execute(
-                update(Meeting)
-                .where(col(Meeting.id).in_(pks))
-                .values(claim_token=claims.RUN_CLAIM + "busy", claim_until=utcnow() + timedelta(seconds=30))
-            )
+    assert creation.create_room(pk, str(first)).startswith("room.ready")  # the older copy works
+    assert creation.create_room(pk, str(second)) == claims.NOTHING_TO_DO
+    assert creation.create_room(pk, str(first)) == claims.NOTHING_TO_DO
+    assert len(sandbox.rooms()) == 1
 
-    running(older)  # a worker is busy with work due before the waiting rows: a queue, not a loss
-    assert dispatch.dispatch_due(overdue_only=True)["create"] == 0
-    assert sent == []
 
-    later = store_meetings("later", 1, due_in=-3)
+def test_a_copy_arriving_before_its_row_is_due_changes_nothing(sent: list[Sent]) -> None:
+    """A message of a row rescheduled later since it was sent: a no-op that leaves the row's
+    claim to the message sent for its new instant."""
+    (pk,) = store_meetings("early", 1, due_in=-1)
+    dispatch.dispatch_due()
+    stale = str(claims_of([pk])[pk])
     with session_scope() as session:
         session.execute(
             update(Meeting)
-            .where(col(Meeting.id).in_(older))
-            .values(claim_token=None, claim_until=None, due_at=None)
+            .where(col(Meeting.id) == pk)
+            .values(due_at=utcnow() + timedelta(minutes=10), claim_token=claims.DISPATCH_CLAIM + "new")
         )
-    running(later)  # only work due after them runs now: their messages are gone
-    assert dispatch.dispatch_due(overdue_only=True)["create"] == 10
-    assert sorted(creations(sent)) == sorted(waiting)
+    assert creation.create_room(pk, stale) == claims.NOTHING_TO_DO
+    assert claims_of([pk])[pk] == claims.DISPATCH_CLAIM + "new"
+
+
+def test_the_renewer_forgets_a_message_whose_row_moved_on() -> None:
+    (pk,) = store_meetings("moved", 1, due_in=-1)
+    dispatch_token = claims.DISPATCH_CLAIM + "gone"
+    claims.message_received(Meeting, pk, dispatch_token)  # the row's claim is some other one
+    claims.renewer.renew(claims.renewer.held(), 4.0)
+    assert (Meeting, pk, dispatch_token) not in claims.renewer.held()
+
+
+def test_dispatch_passes_never_overlap(sent: list[Sent], monkeypatch: pytest.MonkeyPatch) -> None:
+    """While a pass runs, the recovery pass is skipped and a full pass waits for it."""
+    store_meetings("overlap", 5, due_in=-1)
+    inside = threading.Event()
+    release = threading.Event()
+    real = dispatch.claim_due
+    active: list[int] = []
+    most = [0]
+
+    def slow(*args: Any, **kwargs: Any) -> list[dispatch.Claimed]:
+        active.append(1)
+        most[0] = max(most[0], len(active))
+        inside.set()
+        release.wait(5)
+        try:
+            return real(*args, **kwargs)
+        finally:
+            active.pop()
+
+    monkeypatch.setattr(dispatch, "claim_due", slow)
+    with ThreadPoolExecutor(3) as pool:
+        full = pool.submit(dispatch.dispatch_due)
+        assert inside.wait(5)
+        assert dispatch.dispatch_due(overdue_only=True) == {"create": 0, "delete": 0}  # skipped
+        second = pool.submit(dispatch.dispatch_due)
+        time.sleep(0.3)
+        release.set()
+        assert full.result(10)["create"] == 5
+        assert second.result(10)["create"] == 0
+    assert most[0] == 1
+    assert len(sent) == 5
 
 
 def test_only_work_due_before_the_next_tick_is_sent_with_an_eta_at_its_instant(sent: list[Sent]) -> None:

@@ -249,12 +249,54 @@ def test_create_retries_wait_longer_each_attempt() -> None:
 
 
 @pytest.mark.parametrize("error", [server_error(), connection_error()], ids=["5xx", "connect"])
-def test_create_gives_up_after_max_attempts(error: whereby.WherebyError) -> None:
+def test_create_never_gives_up_on_a_transient_failure_before_the_end(error: whereby.WherebyError) -> None:
+    """Attempts are not counted out: only the meeting's end gives up on a streak of failures."""
     settings = make_settings(max_attempts=4)
-    assert isinstance(lifecycle.after_create_error(error, 3, NOW, FAR_END, settings), Retry)
-    decision = lifecycle.after_create_error(error, 4, NOW, FAR_END, settings)
-    assert isinstance(decision, GiveUp)
-    assert "4 attempts" in decision.reason
+    for attempts in (4, 12, 40):
+        assert isinstance(lifecycle.after_create_error(error, attempts, NOW, FAR_END, settings), Retry)
+
+
+# (seconds to the start, attempts so far) -> the retry lands within (low, high) seconds from now.
+STREAK = [
+    (5.0, 1, (1.0, 2.0)),  # near the start: within a second or two …
+    (5.0, 3, (1.0, 2.0)),  # … however long the streak
+    (3.0, 8, (1.0, 2.0)),
+    (-30.0, 6, (1.0, 2.0)),  # past the start, the meeting waits for its room: just as soon
+    (60.0, 9, (15.0, 30.0)),  # further out: backoff, but at most half the time left …
+    (600.0, 1, (1.0, 2.0)),  # … and the plain backoff when that is shorter
+    (900.0, 12, (150.0, 300.0)),  # the backoff cap rules here
+]
+
+
+@pytest.mark.parametrize(("to_start", "attempts", "window"), STREAK)
+def test_create_retries_close_in_on_the_start_and_never_wait_past_it(
+    to_start: float, attempts: int, window: tuple[float, float]
+) -> None:
+    settings = make_settings(retry_base_seconds=2.0, retry_max_seconds=300.0)
+    start = NOW + timedelta(seconds=to_start)
+    for _ in range(20):  # jittered: every draw within the window
+        decision = lifecycle.after_create_error(server_error(), attempts, NOW, FAR_END, settings, start)
+        assert isinstance(decision, Retry)
+        waited = (decision.at - NOW).total_seconds()
+        assert window[0] <= waited <= window[1], (to_start, attempts, waited)
+        if to_start > 2.0:
+            assert decision.at < start
+
+
+def test_a_streak_of_failures_before_the_start_still_leaves_attempts_before_it() -> None:
+    """Attempt after attempt failing from 5 s before the start: the room is still tried again
+    within seconds, several times before the start, and never given up while the meeting runs."""
+    settings = make_settings(retry_base_seconds=2.0, retry_max_seconds=300.0, max_attempts=4)
+    start, end = NOW + timedelta(seconds=5), NOW + timedelta(minutes=30)
+    now, attempts, before_start = NOW, 0, 0
+    while now < start + timedelta(minutes=5):
+        attempts += 1
+        decision = lifecycle.after_create_error(server_error(), attempts, now, end, settings, start)
+        assert isinstance(decision, Retry)
+        assert (decision.at - now).total_seconds() <= 2.0
+        now = decision.at
+        before_start += now < start
+    assert before_start >= 2
 
 
 def test_create_gives_up_when_the_retry_would_land_after_the_room_end() -> None:

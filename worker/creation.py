@@ -41,7 +41,8 @@ def create_room(meeting_pk: int, claim: str) -> str:
     """Make the meeting's room on Whereby. Returns what happened; raises WherebyCallFailed when the
     call failed (the retry is already planned in the store), so Flower shows the failure."""
     settings = get_settings()
-    attempt = _start(meeting_pk, claim, settings)
+    with claims.message(Meeting, meeting_pk, claim):
+        attempt = _start(meeting_pk, settings)
     if isinstance(attempt, str):
         return attempt
     with runtime.recording_calls() as calls, claims.renewer.holding(Meeting, meeting_pk, attempt.run):
@@ -53,7 +54,7 @@ def create_room(meeting_pk: int, claim: str) -> str:
     return _succeeded(meeting_pk, attempt, made, calls, settings)
 
 
-def _start(meeting_pk: int, claim: str, settings: Settings) -> Attempt | str:
+def _start(meeting_pk: int, settings: Settings) -> Attempt | str:
     """Claim the meeting, record the attempt and its pending room, and say what to ask Whereby.
 
     The common case (due, wanted, not over) is plain SQL: this transaction runs once for every
@@ -66,7 +67,6 @@ def _start(meeting_pk: int, claim: str, settings: Settings) -> Attempt | str:
             session,
             Meeting,
             meeting_pk,
-            claim,
             settings,
             Meeting.booking_id,
             Meeting.state,
@@ -79,7 +79,7 @@ def _start(meeting_pk: int, claim: str, settings: Settings) -> Attempt | str:
             Meeting.room_id,
         )
         if claimed is None:
-            return "skipped: claim already taken (duplicate delivery)"
+            return claims.NOTHING_TO_DO
         change = rules.creation_due(meeting_facts(claimed), now)
         result: Attempt | str = change.outcome
         if change.act:

@@ -28,10 +28,10 @@ def delete_room(room_pk: int, claim: str) -> str:
     settings = get_settings()
     now = utcnow()
     after = AfterCommit()
-    with session_scope() as session:
-        claimed = claims.take(session, Room, room_pk, claim, settings)
+    with claims.message(Room, room_pk, claim), session_scope() as session:
+        claimed = claims.take(session, Room, room_pk, settings)
         if claimed is None:
-            return "skipped: claim already taken (duplicate delivery)"
+            return claims.NOTHING_TO_DO
         run = claimed.claim_token
         room = session.get(Room, room_pk, populate_existing=True)
         assert room is not None

@@ -1,22 +1,30 @@
 """The dispatcher: claims the creations and deletions due before its next tick and sends each one
-as a task with an exact ETA. Beat runs it every dispatch interval (and its recovery pass every few
-seconds); a transaction that makes work due at once runs it for just those rows after commit."""
+as a task with an exact ETA. Beat runs it every dispatch interval, and its recovery pass every few
+seconds; a transaction that makes work due at once runs it for just those rows after commit.
+
+A row is sent again only when nothing holds it any more: its lease lapsed because the worker
+holding its message (or running it) died, or because no worker ever received the message. A row
+merely late behind a backlog is held by the live worker that has its message (`worker/claims.py`),
+so a backlog costs no copies; and a copy that does arrive is harmless (the first one to start does
+the work, the others find nothing to do).
+"""
 
 from __future__ import annotations
 
 import logging
 import math
+import threading
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import and_, func, or_, update
+from sqlalchemy import ColumnElement, and_, or_, update
 from sqlmodel import Session, col, select
 
 from config.settings import Settings, get_settings
 from worker.app import app
-from worker.claims import DISPATCH_CLAIM, RESEND_CLAIM, RUN_CLAIM, M
+from worker.claims import DISPATCH_CLAIM, RESEND_CLAIM, M
 from worker.models import Meeting, Room, utcnow
 from worker.store import session_scope
 
@@ -24,12 +32,14 @@ log = logging.getLogger(__name__)
 
 CREATE_TASK = "rooms.create_room"
 DELETE_TASK = "rooms.delete_room"
-# Work sent but not started this long after its instant is sent again by the recovery pass.
-OVERDUE_GRACE = timedelta(seconds=2)
-# A resent row is not resent again before it has waited as long again as it was overdue (at most
-# this long): a worker that died loses its work for seconds, while a backlog (workers far behind,
-# not dead) costs a few duplicate messages a row instead of one every recovery pass.
+# A row sent again waits, before the next copy, as long again as it was overdue (at most this
+# long) unless a worker receives it and renews its lease: while no worker runs at all, an outage
+# costs a few copies a row, not one every recovery pass.
 RESEND_WAIT_MAX = timedelta(minutes=5)
+# One pass at a time in a process: the dispatcher and its recovery pass never race each other.
+# (Two beats are safe too: a claim is a conditional UPDATE, so a row goes to one of them.)
+_pass_lock = threading.Lock()
+PASS_WAIT_SECONDS = 30.0
 
 
 @dataclass(frozen=True)
@@ -45,6 +55,11 @@ def dispatch_horizon(now: datetime, settings: Settings) -> datetime:
     return now + timedelta(seconds=settings.dispatch_interval_seconds + 1)
 
 
+def unheld(model: type[M], now: datetime) -> ColumnElement[bool]:
+    """No message or run of the row is alive: never sent, done with, or its lease lapsed."""
+    return or_(col(model.claim_until).is_(None), col(model.claim_until) < now)
+
+
 def claim_due(
     session: Session,
     model: type[M],
@@ -53,67 +68,61 @@ def claim_due(
     ids: set[int] | None,
     limit: int,
     lease: timedelta,
-    overdue_before: datetime | None = None,
 ) -> list[Claimed]:
-    """Claim, in one conditional UPDATE … RETURNING, the rows due before `horizon`, soonest first."""
-    token = (RESEND_CLAIM if overdue_before is not None else DISPATCH_CLAIM) + uuid.uuid4().hex
-    claimable = or_(col(model.claim_until).is_(None), col(model.claim_until) < now)
-    if overdue_before is not None:
-        # Sent but still not started well after its instant: the worker holding the message is
-        # gone. Send it again; whichever copy starts first does the work. Not while runs of work
-        # due no later than it are going: workers take messages in due order, so that is a queue
-        # being worked through, where a copy would only add a duplicate to the same queue. A row
-        # sent again is held by its resend claim (`_back_off_resends`) until that runs out.
-        earliest_running = (
-            select(func.min(model.due_at))
-            .where(
-                col(model.due_at).is_not(None),
-                col(model.due_at) <= now,
-                col(model.claim_token).startswith(RUN_CLAIM),
-                col(model.claim_until) > now,
-            )
-            .scalar_subquery()
-        )
-        claimable = or_(
-            claimable,
-            and_(
-                col(model.claim_token).startswith(DISPATCH_CLAIM),
-                col(model.due_at) <= overdue_before,
-                or_(earliest_running.is_(None), col(model.due_at) < earliest_running),
-            ),
-        )
-    due = and_(col(model.due_at).is_not(None), col(model.due_at) <= horizon, claimable)
-    candidates = select(model.id).where(due)
+    """Claim the rows due before `horizon` that nothing holds, soonest first: rows never sent get
+    a dispatch claim, rows whose holder died (or whose message was lost) a resend claim."""
+    due = and_(col(model.due_at).is_not(None), col(model.due_at) <= horizon, unheld(model, now))
+    candidates = select(model.id, model.claim_token).where(due)
     if ids is not None:
         candidates = candidates.where(col(model.id).in_(ids))
-    picked = list(session.execute(candidates.order_by(col(model.due_at)).limit(limit)).scalars())
+    picked = session.execute(candidates.order_by(col(model.due_at)).limit(limit)).all()
     if not picked:
         return []
+    fresh = [pk for pk, token in picked if token is None]
+    lapsed = [pk for pk, token in picked if token is not None]
     owner = col(Meeting.booking_id) if model is Meeting else col(Room.meeting_pk)
-    rows = session.execute(
-        update(model)
-        .where(col(model.id).in_(picked), due)
-        .values(claim_token=token, claim_until=horizon + lease)
-        .returning(col(model.id), col(model.due_at), owner)
-    ).all()
-    if overdue_before is not None and rows:
-        _back_off_resends(session, model, [(pk, due_at) for pk, due_at, _ in rows], now, lease)
+    rows: list[tuple[int, datetime, object, str]] = []
+    for pks, prefix in ((fresh, DISPATCH_CLAIM), (lapsed, RESEND_CLAIM)):
+        if not pks:
+            continue
+        token = prefix + uuid.uuid4().hex
+        # The lease covers the message until a worker receives it and renews it itself: a lease
+        # past the row's ETA (due now: from now).
+        returned = session.execute(
+            update(model)
+            .where(col(model.id).in_(pks), due)
+            .values(claim_token=token, claim_until=horizon + lease)
+            .returning(col(model.id), col(model.due_at), owner)
+        ).all()
+        rows.extend((pk, due_at, meeting, token) for pk, due_at, meeting in returned)
+        overdue = [(pk, due_at) for pk, due_at, _ in returned if due_at <= now]
+        if prefix == RESEND_CLAIM:
+            _back_off_resends(session, model, overdue, now, lease)
+        elif overdue:
+            session.execute(
+                update(model)
+                .where(col(model.id).in_([pk for pk, _ in overdue]))
+                .values(claim_until=now + lease)
+            )
+    rows.sort(key=lambda row: row[1])
     if model is Room and rows:
         # The booking id travels in the message only so that operators can tell, in Flower,
         # which booking a room task is about.
-        pks = {meeting_pk for _, _, meeting_pk in rows}
+        meeting_pks = {meeting_pk for _, _, meeting_pk, _ in rows}
         bookings = dict(
-            session.execute(select(Meeting.id, Meeting.booking_id).where(col(Meeting.id).in_(pks))).all()
+            session.execute(
+                select(Meeting.id, Meeting.booking_id).where(col(Meeting.id).in_(meeting_pks))
+            ).all()
         )
-        return [Claimed(pk, due_at, token, bookings.get(meeting_pk, "")) for pk, due_at, meeting_pk in rows]
-    return [Claimed(pk, due_at, token, booking_id) for pk, due_at, booking_id in rows]
+        return [Claimed(pk, due_at, token, bookings.get(meeting, "")) for pk, due_at, meeting, token in rows]
+    return [Claimed(pk, due_at, token, str(booking)) for pk, due_at, booking, token in rows]
 
 
 def _back_off_resends(
     session: Session, model: type[M], rows: Sequence[tuple[int, datetime]], now: datetime, lease: timedelta
 ) -> None:
-    """Hold each resent row until it has waited as long again as it was overdue (whole seconds,
-    rounded up to a power of two, so a pass needs a few UPDATEs, not one a row)."""
+    """Give each row sent again, until a worker receives it, a lease as long as it was overdue
+    (whole seconds, rounded up to a power of two, so a pass needs a few UPDATEs, not one a row)."""
     by_wait: dict[timedelta, list[int]] = {}
     for pk, due_at in rows:
         overdue = max(lease, min(now - due_at, RESEND_WAIT_MAX))
@@ -129,39 +138,59 @@ def dispatch_due(
     limit: int = 2000,
     overdue_only: bool = False,
 ) -> dict[str, int]:
-    """Claim due creations and deletions and send each with an ETA at its due instant.
+    """Claim due creations and deletions and send each with an ETA at its due instant, deletions
+    first (a room that must go outranks a room that may be made a moment later).
 
-    `overdue_only`: the frequent recovery pass: only work already due whose claim lapsed (a
-    killed worker stops renewing it) or whose message was never started.
+    `overdue_only`: the frequent recovery pass: only work already due that nothing holds (a dead
+    worker's, a lost message's). It is skipped while another pass runs in this process; the full
+    pass waits for one that runs.
     """
+    only_some = meeting_ids is not None or room_ids is not None
+    if only_some:  # rows this transaction just made due: their claims keep them apart from any pass
+        return _dispatch(meeting_ids, room_ids, limit, overdue_only)
+    if overdue_only:
+        acquired = _pass_lock.acquire(blocking=False)
+    else:
+        acquired = _pass_lock.acquire(timeout=PASS_WAIT_SECONDS)
+    if not acquired:
+        log.debug("dispatch pass skipped: another pass is running")
+        return {"create": 0, "delete": 0}
+    try:
+        return _dispatch(None, None, limit, overdue_only)
+    finally:
+        _pass_lock.release()
+
+
+def _dispatch(
+    meeting_ids: set[int] | None, room_ids: set[int] | None, limit: int, overdue_only: bool
+) -> dict[str, int]:
     settings = get_settings()
     now = utcnow()
-    horizon = dispatch_horizon(now, settings)
-    overdue_before = None
-    if overdue_only:
-        horizon = now
-        overdue_before = now - OVERDUE_GRACE
+    horizon = now if overdue_only else dispatch_horizon(now, settings)
     lease = timedelta(seconds=settings.claim_lease_seconds)
     counts = {"create": 0, "delete": 0}
     only_some = meeting_ids is not None or room_ids is not None
     while True:
         with session_scope() as session:
-            creations: list[Claimed] = []
-            if not only_some or meeting_ids:
-                creations = claim_due(
-                    session, Meeting, now, horizon, meeting_ids, limit, lease, overdue_before
-                )
             deletions: list[Claimed] = []
             if not only_some or room_ids:
-                deletions = claim_due(session, Room, now, horizon, room_ids, limit, lease, overdue_before)
-        _send(CREATE_TASK, "meeting_pk", creations, now, settings)
+                deletions = claim_due(session, Room, now, horizon, room_ids, limit, lease)
+            creations: list[Claimed] = []
+            if not only_some or meeting_ids:
+                creations = claim_due(session, Meeting, now, horizon, meeting_ids, limit, lease)
         _send(DELETE_TASK, "room_pk", deletions, now, settings)
+        _send(CREATE_TASK, "meeting_pk", creations, now, settings)
         counts["create"] += len(creations)
         counts["delete"] += len(deletions)
         if len(creations) < limit and len(deletions) < limit:
             break
     if counts["create"] or counts["delete"]:
-        log.info("dispatched %d creations and %d deletions", counts["create"], counts["delete"])
+        log.info(
+            "%s %d creations and %d deletions",
+            "recovered" if overdue_only else "dispatched",
+            counts["create"],
+            counts["delete"],
+        )
     return counts
 
 

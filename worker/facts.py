@@ -30,6 +30,7 @@ class MeetingFacts:
     room_id: int | None = None  # the current room
     # How long past room_end a room with people inside may be kept (ROOMKEEPER_OVERRUN_MAX_SECONDS).
     overrun: timedelta = timedelta(0)
+    start: datetime | None = None  # the meeting's start: retries of its creation never wait past it
 
     @property
     def end_date(self) -> datetime:

@@ -85,10 +85,38 @@ def outcome_unknown(error: Exception) -> bool:
     return isinstance(error, whereby.ServerError)
 
 
+# A creation whose meeting starts within this long is tried again within URGENT_RETRY_SECONDS
+# (jittered) after a transient failure: a streak of 5xx then costs seconds, not the meeting.
+URGENT_WINDOW = timedelta(seconds=10)
+URGENT_RETRY_SECONDS = (1.0, 2.0)
+
+
+def create_retry_delay(
+    attempts: int, now: datetime, start: datetime | None, settings: Settings, rng: random.Random | None = None
+) -> float:
+    """Seconds until the next attempt after a transient failure: the exponential backoff, but never
+    past the meeting's start. Far from the start the wait is at most half the time left, so
+    attempts close in on it; near the start (or past it, the meeting waiting for its room) they
+    come every second or two."""
+    delay = backoff_seconds(attempts, settings.retry_base_seconds, settings.retry_max_seconds, rng)
+    if start is None:
+        return delay
+    left = (start - now).total_seconds()
+    if left <= URGENT_WINDOW.total_seconds():
+        return min(delay, (rng or random).uniform(*URGENT_RETRY_SECONDS))
+    return min(delay, (rng or random).uniform(left / 4, left / 2))
+
+
 def after_create_error(
-    error: Exception, attempts: int, now: datetime, room_end: datetime, settings: Settings
+    error: Exception,
+    attempts: int,
+    now: datetime,
+    room_end: datetime,
+    settings: Settings,
+    start: datetime | None = None,
 ) -> Retry | GiveUp:
-    """What to do after a failed attempt to create a meeting's room."""
+    """What to do after a failed attempt to create a meeting's room. Only a refusal (400, 403) or a
+    meeting over without its room gives up: a transient failure is tried again until then."""
     reason = describe(error)
     if isinstance(error, whereby.InvalidRequestError | whereby.PermissionDeniedError):
         # Whereby refused this request itself: sending it again cannot succeed.
@@ -100,12 +128,9 @@ def after_create_error(
         # A bad key is the operator's to fix: wait for it without burning the meeting's attempts.
         at = now + timedelta(seconds=AUTH_PAUSE_SECONDS + random.uniform(0, 1))
     else:
-        if attempts >= settings.max_attempts:
-            return GiveUp(f"{reason} (gave up after {attempts} attempts)")
-        delay = backoff_seconds(attempts, settings.retry_base_seconds, settings.retry_max_seconds)
-        at = now + timedelta(seconds=delay)
+        at = now + timedelta(seconds=create_retry_delay(attempts, now, start, settings))
     if at >= room_end:
-        return GiveUp(f"{reason} (no room could be made before the meeting ended)")
+        return GiveUp(f"{reason} (no room could be made before the meeting ended, after {attempts} attempts)")
     return Retry(at, reason)
 
 

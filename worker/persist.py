@@ -54,6 +54,7 @@ def meeting_facts(meeting: Meeting | Row[Any]) -> rules.MeetingFacts:
         replacing=meeting.replacing,
         room_id=meeting.room_id,
         overrun=lifecycle.overrun(get_settings()),
+        start=getattr(meeting, "start", None),
     )
 
 

@@ -239,7 +239,9 @@ def create_failed(
         # Rescheduled (or otherwise moved on) during the call: its own due instant stands.
         return Change(meeting=RELEASE, outcome=f"failed: {reason}")
     attempts = meeting.attempts if lifecycle.counts_as_attempt(error) else meeting.attempts - 1
-    decision = lifecycle.after_create_error(error, meeting.attempts, now, meeting.room_end, settings)
+    decision = lifecycle.after_create_error(
+        error, meeting.attempts, now, meeting.room_end, settings, meeting.start
+    )
     if isinstance(decision, lifecycle.GiveUp):
         return Change(
             state=S.FAILED,
