@@ -71,6 +71,16 @@ class Settings(BaseSettings):
     feed_poll_interval_seconds: float = Field(default=300, gt=0, le=86400)
     # How long an event to a notify URL is tried before it is recorded as undelivered.
     notify_retry_hours: float = Field(default=24, gt=0, le=168)
+    # What a token holder may make the service do (README "What a token holder can and cannot do").
+    # Tasks an HTTP caller may name as its `notify` ("task" on any queue, or "task@queue"), comma-
+    # separated; none by default: over HTTP, events go to a URL (CONTRACT §6.2).
+    http_notify_tasks: str | None = None
+    # Ports a public host may be reached on (hosts in ROOMKEEPER_OUTBOUND_ALLOWED_HOSTS: any port).
+    outbound_public_ports: str = "443,8443"
+    # How many feeds the service keeps, and how long one feed's sync may take before it gives up
+    # (changing nothing): bounds in every pool and in the web process.
+    feed_max_count: int = Field(default=100, ge=1, le=100_000)
+    feed_sync_deadline_seconds: float = Field(default=20, ge=1, le=600)
 
     @field_validator(
         "whereby_api_key",
@@ -80,6 +90,7 @@ class Settings(BaseSettings):
         "notify_signing_secret",
         "outbound_allowed_hosts",
         "secret_key",
+        "http_notify_tasks",
         mode="before",
     )
     @classmethod
@@ -156,6 +167,34 @@ class Settings(BaseSettings):
             if not re.fullmatch(r"[A-Za-z0-9.:\[\]-]{1,253}", host):
                 raise ValueError(f"{host!r} is not a host name or IP address (comma-separated list)")
         return value
+
+    @field_validator("http_notify_tasks")
+    @classmethod
+    def _notify_tasks(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        for entry in (part.strip() for part in value.split(",")):
+            if not re.fullmatch(r"[A-Za-z0-9_.:-]{1,200}(@[A-Za-z0-9_.:-]{1,200})?", entry):
+                raise ValueError(f"{entry!r} is not a task name or task@queue (comma-separated list)")
+        return value
+
+    @field_validator("outbound_public_ports")
+    @classmethod
+    def _ports(cls, value: str) -> str:
+        for part in (p.strip() for p in value.split(",")):
+            if not part.isascii() or not part.isdigit() or not 1 <= int(part) <= 65535:
+                raise ValueError(f"{part!r} is not a port number (comma-separated list, e.g. 443,8443)")
+        return value
+
+    @property
+    def public_ports(self) -> frozenset[int]:
+        """ROOMKEEPER_OUTBOUND_PUBLIC_PORTS as a set of ports."""
+        return frozenset(int(part) for part in self.outbound_public_ports.split(","))
+
+    def http_notify_allowed(self, task: str, queue: str) -> bool:
+        """Whether an HTTP caller may have events sent as `task` to `queue`."""
+        entries = {part.strip() for part in (self.http_notify_tasks or "").split(",") if part.strip()}
+        return task in entries or f"{task}@{queue}" in entries
 
     @property
     def allowed_hosts(self) -> frozenset[str]:

@@ -82,10 +82,11 @@ def _parse(item: Any, context: dict[str, Any]) -> ScheduleRequest | list[tuple[s
         return named_problems(exc)
 
 
-def schedule_many(items: Sequence[Any]) -> list[dict[str, Any]]:
+def schedule_many(items: Sequence[Any], *, over_http: bool = False) -> list[dict[str, Any]]:
     """One result per item, in order: `{"ok": true, "created": bool, "view": VIEW}` or
-    `{"ok": false, "errors": [{"field", "rule"}, ...]}` (fields named within the item)."""
-    context = {"caller_prefix_max": get_settings().caller_prefix_max}
+    `{"ok": false, "errors": [{"field", "rule"}, ...]}` (fields named within the item).
+    `over_http`: the items came over HTTP, where a notify task must be one the operator lists."""
+    context = {"caller_prefix_max": get_settings().caller_prefix_max, "over_http": over_http}
     results: list[dict[str, Any] | None] = [None] * len(items)
     valid: list[tuple[int, ScheduleRequest]] = []
     first_at: dict[str, int] = {}

@@ -62,25 +62,39 @@ class Event:
     num_clients: int | None
 
 
-def verify(raw: bytes, header: str | None, secret: str, now: datetime) -> None:
-    """Check `Whereby-Signature: t=<unix>,v1=<hex>`: HMAC-SHA256 over "<t>.<raw body>", compared in
-    constant time; a timestamp outside the tolerance is refused."""
+_HEX = frozenset("0123456789abcdefABCDEF")
+_SHAPE = "Whereby-Signature must be t=<unix seconds>,v1=<64 hex digits>"
+
+
+def signature_fields(header: str | None) -> tuple[str, list[str]]:
+    """The timestamp and the v1 signatures of a `Whereby-Signature` header, or BadSignature for a
+    header of any other shape (never another error: the caller is not yet authenticated)."""
     if not header:
         raise BadSignature("Whereby-Signature header missing")
+    if len(header) > 2048 or not header.isascii():
+        raise BadSignature(_SHAPE)
     stamp: str | None = None
     signatures: list[str] = []
     for part in header.split(","):
         key, _, value = part.strip().partition("=")
         if key == "t":
             stamp = value
-        elif key == "v1":
-            signatures.append(value)
-    if stamp is None or not stamp.isdigit() or not signatures:
-        raise BadSignature("Whereby-Signature must be t=<unix seconds>,v1=<hex>")
+        elif key == "v1" and len(value) == 64 and set(value) <= _HEX:
+            signatures.append(value.lower())
+    # Ten digits until the year 2286; twelve leaves room and keeps int() trivially cheap.
+    if stamp is None or not stamp.isdigit() or len(stamp) > 12 or not signatures:
+        raise BadSignature(_SHAPE)
+    return stamp, signatures
+
+
+def verify(raw: bytes, header: str | None, secret: str, now: datetime) -> None:
+    """Check `Whereby-Signature: t=<unix>,v1=<hex>`: HMAC-SHA256 over "<t>.<raw body>", compared in
+    constant time; a timestamp outside the tolerance is refused."""
+    stamp, signatures = signature_fields(header)
     if abs(now.timestamp() - int(stamp)) > SIGNATURE_TOLERANCE.total_seconds():
         raise BadSignature("Whereby-Signature timestamp is outside the 5 minute tolerance")
     expected = hmac.new(secret.encode(), stamp.encode() + b"." + raw, hashlib.sha256).hexdigest()
-    if not any(hmac.compare_digest(expected, candidate.lower()) for candidate in signatures):
+    if not any(hmac.compare_digest(expected, candidate) for candidate in signatures):
         raise BadSignature("Whereby-Signature does not match the body")
 
 
@@ -88,8 +102,8 @@ def parse(raw: bytes) -> Event:
     """The fields of a verified envelope that matter here."""
     try:
         body = json.loads(raw)
-    except ValueError:
-        raise BadEvent("body: not JSON") from None
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
+        raise BadEvent("body: not JSON (or nested too deep)") from None
     if not isinstance(body, dict):
         raise BadEvent("body: must be a JSON object")
 

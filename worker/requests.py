@@ -166,7 +166,7 @@ class Notify(_Request):
         return value
 
     @model_validator(mode="after")
-    def _one_target(self) -> Notify:
+    def _one_target(self, info: ValidationInfo) -> Notify:
         if self.url is not None:
             if self.task is not None or self.queue is not None:
                 raise ValueError('give either {"url"} or {"task", "queue"}, not both')
@@ -176,6 +176,24 @@ class Notify(_Request):
         for name in ("task", "queue"):
             if getattr(self, name) is None:
                 raise PydanticCustomError("sub_field", "{rule}", {"field": name, "rule": "is required"})
+        context = info.context or {}
+        if context.get("over_http"):
+            # An HTTP caller must not make the service send Celery messages of its choosing to a
+            # queue of its choosing (CONTRACT §6.2): only the tasks the operator lists.
+            settings: Settings = context.get("settings") or get_settings()
+            assert self.task is not None and self.queue is not None
+            if not settings.http_notify_allowed(self.task, self.queue):
+                raise PydanticCustomError(
+                    "sub_field",
+                    "{rule}",
+                    {
+                        "field": "task",
+                        "rule": (
+                            "a notify task is not accepted over HTTP: give a notify URL, or ask the "
+                            "operator to list the task in ROOMKEEPER_HTTP_NOTIFY_TASKS"
+                        ),
+                    },
+                )
         return self
 
     @model_serializer(mode="wrap")

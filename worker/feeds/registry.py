@@ -12,11 +12,12 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import ValidationError
+from sqlalchemy import func
 from sqlmodel import col, delete, select
 
 from config.settings import get_settings
 from worker import booking
-from worker.feeds import source
+from worker.feeds import limits, source
 from worker.lifecycle import fmt
 from worker.models import Feed, FeedOccurrence, utcnow
 from worker.outbound import OutboundRefused, check_url
@@ -36,6 +37,7 @@ NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,49}$")
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,199}$")
 MAX_HORIZON_DAYS = 366
 HISTORY_KEEP = 50
+MAX_PASSWORD = 1024
 
 
 class FeedError(InvalidRequest):
@@ -44,6 +46,10 @@ class FeedError(InvalidRequest):
 
 class UnknownFeed(FeedError):
     """No feed has this name."""
+
+
+class FeedLimit(FeedError):
+    """The service holds as many feeds as it may."""
 
 
 @dataclass
@@ -61,7 +67,7 @@ class FeedSpec:
     caldav: bool = False
 
 
-def _validated(spec: FeedSpec) -> dict[str, Any]:
+def _validated(spec: FeedSpec, over_http: bool) -> dict[str, Any]:
     errors: list[str] = []
     settings = get_settings()
     if not isinstance(spec.name, str) or not NAME.match(spec.name):
@@ -94,12 +100,18 @@ def _validated(spec: FeedSpec) -> dict[str, Any]:
     notify = None
     if spec.notify is not None:
         try:
-            notify = Notify.model_validate(spec.notify).model_dump()
+            notify = Notify.model_validate(spec.notify, context={"over_http": over_http}).model_dump()
         except ValidationError as exc:
             errors.extend(
                 f"notify.{field}: {rule}" if field else f"notify: {rule}" for field, rule in problems(exc)
             )
-    if spec.password_env is not None and not ENV_NAME.match(spec.password_env):
+    if over_http and spec.password_env is not None:
+        # The service would read the variable and send it to a URL of the caller's choosing.
+        errors.append(
+            "password_env: is an operator's option of `roomkeeper feeds add`, not accepted over HTTP; "
+            "send the password itself (it is stored encrypted)"
+        )
+    elif spec.password_env is not None and not ENV_NAME.match(spec.password_env):
         errors.append("password_env: must be the name of an environment variable")
     if spec.password_env is not None and spec.username is None:
         errors.append("username: is required with password_env")
@@ -114,8 +126,10 @@ def _validated(spec: FeedSpec) -> dict[str, Any]:
                 "password: storing a password needs ROOMKEEPER_SECRET_KEY on the service; "
                 "or name an environment variable that holds it (password_env)"
             )
-        elif unstorable(spec.password) or not spec.password:
+        elif not isinstance(spec.password, str) or unstorable(spec.password) or not spec.password:
             errors.append("password: must be non-empty storable text")
+        elif len(spec.password) > MAX_PASSWORD:
+            errors.append(f"password: must be at most {MAX_PASSWORD} characters")
         else:
             password_enc = _fernet().encrypt(spec.password.encode()).decode()
     if spec.username is not None and (unstorable(spec.username) or len(spec.username) > 200):
@@ -186,12 +200,18 @@ def describe(feed: Feed) -> dict[str, Any]:
     }
 
 
-def add_feed(spec: FeedSpec) -> dict[str, Any]:
-    fields = _validated(spec)
+def add_feed(spec: FeedSpec, *, over_http: bool = False) -> dict[str, Any]:
+    """Store a new feed. `over_http`: the caller is a token holder, not the operator: no
+    environment variable (`password_env`) and no notify task unless the operator lists it."""
+    fields = _validated(spec, over_http)
     now = utcnow()
+    limit = get_settings().feed_max_count
     with session_scope() as session:
         if session.execute(select(Feed).where(Feed.name == spec.name)).scalar_one_or_none():
             raise FeedError(f"name: a feed named {spec.name!r} exists already")
+        held = session.execute(select(func.count()).select_from(Feed)).scalar_one()
+        if held >= limit:
+            raise FeedLimit(f"name: this service keeps at most {limit} feeds (ROOMKEEPER_FEED_MAX_COUNT)")
         feed = Feed(created_at=now, next_poll_at=now, history=[], **fields)
         session.add(feed)
         session.flush()
@@ -216,6 +236,7 @@ def show_feed(name: str) -> dict[str, Any]:
     with session_scope() as session:
         feed = known(session, name)
         result = describe(feed)
+        result["limits"] = limits.describe(get_settings())
         result["history"] = list(feed.history or [])
         result["bookings"] = [
             {"booking_id": row.booking_id, "start": fmt(row.start), "end": fmt(row.end)}

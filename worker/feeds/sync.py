@@ -11,7 +11,9 @@ a complete VCALENDAR, or suddenly loses most of its occurrences (more than `MASS
 than half of those booked in the horizon vanish at once, with the new count under half the old):
 the poll is recorded (`last_outcome` `failed` or `suspicious`, the feed's history, a log line) and
 the event `feed.failed` / `feed.suspicious` goes to the feed's notify, with `booking_id`
-`feed:{NAME}`. `feeds sync NAME --force` accepts such a loss.
+`feed:{NAME}`. `feeds sync NAME --force` accepts such a loss. A sync that passes its deadline
+(ROOMKEEPER_FEED_SYNC_DEADLINE_SECONDS) changes nothing either, and is reported the same way; what
+the feed limits (`worker/feeds/limits.py`) leave out is booked never, and reported in the detail.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from sqlmodel import col, delete, select
 
 from config.settings import get_settings
 from worker import booking, journal
-from worker.feeds import expand, registry, source
+from worker.feeds import expand, limits, registry, source
 from worker.lifecycle import fmt
 from worker.models import EventDelivery, Feed, FeedOccurrence, Outbox, utcnow
 from worker.requests import (
@@ -183,10 +185,19 @@ def _sync(feed_id: int, token: str, now: datetime, force: bool) -> dict[str, Any
             ).scalars()
         }
     name, url, kind, match, horizon_days, timezone = snapshot
+    # One hard deadline for the whole read: the fetch's every socket operation is cut at it, and
+    # the expansion checks it between units of work that the limits keep small. Past it, nothing
+    # is changed (the bookings below are made only once the whole read is in hand).
+    deadline = limits.Deadline(settings.feed_sync_deadline_seconds)
     try:
         if kind == "caldav":
             fetched = source.fetch_caldav(
-                url, settings, username, password_env, registry.password_of(password_enc)
+                url,
+                settings,
+                username,
+                password_env,
+                registry.password_of(password_enc),
+                deadline=deadline.at,
             )
         else:
             fetched = source.fetch_ics(
@@ -194,13 +205,22 @@ def _sync(feed_id: int, token: str, now: datetime, force: bool) -> dict[str, Any
                 settings,
                 etag=etag if body is not None else None,
                 last_modified=last_modified if body is not None else None,
+                deadline=deadline.at,
             )
         text = fetched.text if fetched.text is not None else body
         assert text is not None
+        if len(text) > limits.MAX_BODY_BYTES:  # a body stored before the bound existed
+            raise source.FetchError(f"the feed is larger than {limits.MAX_BODY_BYTES} bytes")
+        deadline.check("downloading")
         calendar = expand.parse(text)
+        deadline.check("parsing")
         window_end = now + timedelta(days=horizon_days)
-        wanted = expand.occurrences(calendar, name, now, window_end, match=match, timezone=timezone)
-    except (source.FetchError, expand.FeedContentError) as exc:
+        expansion = expand.expand(
+            calendar, name, now, window_end, match=match, timezone=timezone, deadline=deadline
+        )
+        wanted = expansion.found
+        deadline.check("expanding")
+    except (source.FetchError, expand.FeedContentError, limits.DeadlinePassed) as exc:
         return _finish(feed_id, token, now, "failed", str(exc), None)
     except Exception as exc:  # anything the expansion trips on: the read is not trusted
         log.exception("feed %s: could not be expanded", name)
@@ -219,7 +239,15 @@ def _sync(feed_id: int, token: str, now: datetime, force: bool) -> dict[str, Any
         )
         return _finish(feed_id, token, now, "suspicious", detail, None, fetched=fetched)
 
-    changes = {"booked": 0, "rescheduled": 0, "cancelled": 0, "unchanged": 0, "refused": 0}
+    changes = {
+        "booked": 0,
+        "rescheduled": 0,
+        "cancelled": 0,
+        "unchanged": 0,
+        "refused": 0,
+        "skipped_series": expansion.skipped_series,
+        "skipped_occurrences": expansion.skipped_occurrences,
+    }
     keep: dict[str, tuple[datetime, datetime]] = {}
     refused: list[str] = []
     for bid, occurrence in sorted(wanted.items(), key=lambda item: item[1].start):
@@ -261,6 +289,8 @@ def _sync(feed_id: int, token: str, now: datetime, force: bool) -> dict[str, Any
         f"{read}; {len(wanted)} occurrence(s) in the horizon: {changes['booked']} booked, "
         f"{changes['rescheduled']} rescheduled, {changes['cancelled']} cancelled, {len(ended)} ended"
     )
+    if expansion.notes:
+        detail += f"; skipped (feed limits): {'; '.join(expansion.notes[:5])}"
     if refused:
         detail += f"; refused: {'; '.join(refused[:5])}"
     return _finish(feed_id, token, now, "ok", detail, changes, fetched=fetched, count=len(keep))

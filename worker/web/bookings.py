@@ -26,6 +26,7 @@ from worker import batch, booking
 from worker.lifecycle import fmt
 from worker.models import MeetingState
 from worker.requests import BookingRef, ScheduleRequest
+from worker.web import bodies
 from worker.web.auth import UNAUTHORIZED, require_token
 from worker.web.problems import MEDIA_TYPE, RESPONSES, FieldProblem, Problem, bad_input, problem
 
@@ -188,45 +189,12 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
 # Helpers.
 
 
-class _Refused(Exception):
-    def __init__(self, response: JSONResponse) -> None:
-        self.response = response
-
-
-def _no_constants(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
-def _too_large() -> _Refused:
-    return _Refused(problem(413, "Payload Too Large", f"the body is larger than {MAX_BODY} bytes"))
-
-
-def _parse_json(raw: bytes) -> Any:
-    # NaN and Infinity are not JSON (and PostgreSQL's json type refuses them): refused here.
-    return json.loads(raw, parse_constant=_no_constants)
+_Refused = bodies.Refused
 
 
 async def _json_object(request: Request) -> dict[str, Any]:
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > MAX_BODY:
-        raise _too_large()
     # Read with a limit, so a body far larger than any batch is refused without being held whole.
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY:
-            raise _too_large()
-        chunks.append(chunk)
-    raw = b"".join(chunks)
-    try:
-        # A full batch takes tens of milliseconds to parse: not on the event loop.
-        data = await run_in_threadpool(_parse_json, raw) if size > 64 * 1024 else _parse_json(raw)
-    except (ValueError, RecursionError):
-        raise _Refused(bad_input([("body", "must be a JSON object (this body is not valid JSON)")])) from None
-    if not isinstance(data, dict):
-        raise _Refused(bad_input([("body", "must be a JSON object")]))
-    return data
+    return await bodies.json_object(request, MAX_BODY)
 
 
 def _ref(booking_id: str) -> str:
@@ -319,7 +287,7 @@ async def schedule_batch(request: Request) -> JSONResponse:
         parsed = batch.ScheduleBatch.model_validate(data)
     except ValidationError as exc:
         return bad_input(batch.named_problems(exc))
-    results = await run_in_threadpool(batch.schedule_many, parsed.bookings)
+    results = await run_in_threadpool(lambda: batch.schedule_many(parsed.bookings, over_http=True))
     return JSONResponse({"results": results})
 
 
@@ -360,7 +328,7 @@ async def put_booking(booking_id: BookingId, request: Request) -> JSONResponse:
     data["booking_id"] = booking_id
     try:
         schedule = ScheduleRequest.model_validate(
-            data, context={"caller_prefix_max": get_settings().caller_prefix_max}
+            data, context={"caller_prefix_max": get_settings().caller_prefix_max, "over_http": True}
         )
     except ValidationError as exc:
         return bad_input(batch.named_problems(exc))

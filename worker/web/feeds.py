@@ -1,21 +1,26 @@
 """`/v1/feeds` (CONTRACT §5): calendar feeds over HTTP, behind the same bearer tokens as bookings.
 
-The same operations as `roomkeeper feeds …` (worker/feeds/sync.py), run in a worker thread. A feed's
-view never holds a credential: a CalDAV password is only ever named (`password_env`).
+The same operations as `roomkeeper feeds …` (worker/feeds/sync.py), run in a worker thread, with
+what a token holder may not do left out: no `password_env` (the service would send that variable to
+the caller's URL: the password itself travels in the body and is stored encrypted), and no notify
+task unless the operator lists it. The body is read only after the token is checked, with a bound.
+A feed's view never holds a credential.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Path, Query
+from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from worker.feeds import registry, sync
+from worker.requests import problems
+from worker.web import bodies
 from worker.web.auth import UNAUTHORIZED, require_token
-from worker.web.problems import RESPONSES, bad_input, problem
+from worker.web.problems import MEDIA_TYPE, RESPONSES, Problem, bad_input, problem
 
 router = APIRouter(
     prefix="/v1/feeds", tags=["feeds"], dependencies=[Depends(require_token)], responses=UNAUTHORIZED
@@ -25,7 +30,7 @@ FeedName = Annotated[str, Path(min_length=1, max_length=50)]
 
 
 class FeedBody(BaseModel):
-    """A new feed: an ICS URL, or a CalDAV calendar (with `username` and `password_env`)."""
+    """A new feed: an ICS URL, or a CalDAV calendar (with `username` and `password`)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -39,11 +44,9 @@ class FeedBody(BaseModel):
     room: dict[str, Any] | None = Field(default=None, description="room options of every booking, as in §2")
     notify: dict[str, Any] | None = Field(default=None, description="where the bookings' events go, as in §2")
     username: str | None = Field(default=None, description="CalDAV user name (makes the feed a CalDAV one)")
-    password_env: str | None = Field(
-        default=None, description="environment variable holding the CalDAV password"
-    )
     password: str | None = Field(
         default=None,
+        max_length=registry.MAX_PASSWORD,
         description="the CalDAV password, kept encrypted (needs ROOMKEEPER_SECRET_KEY); never shown",
     )
     caldav: bool = Field(default=False, description="read the URL as a CalDAV calendar")
@@ -60,7 +63,7 @@ def _errors(exc: registry.FeedError) -> list[tuple[str, str]]:
 def _refused(exc: registry.FeedError) -> JSONResponse:
     if isinstance(exc, registry.UnknownFeed):
         return problem(404, "Not found", str(exc))
-    if "exists already" in str(exc):
+    if "exists already" in str(exc) or isinstance(exc, registry.FeedLimit):
         return problem(409, "Conflict", str(exc), _errors(exc))
     return bad_input(_errors(exc))
 
@@ -70,10 +73,48 @@ async def list_feeds() -> dict[str, Any]:
     return {"results": await run_in_threadpool(registry.list_feeds)}
 
 
-@router.post("", status_code=201, responses=RESPONSES, summary="add a feed")
-async def create_feed(body: FeedBody) -> Any:
+# A feed's settings are a few hundred bytes; room and notify at most a few KiB.
+MAX_BODY = 64 * 1024
+
+
+def _feed_schema() -> dict[str, Any]:
+    schema = FeedBody.model_json_schema()
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+@router.post(
+    "",
+    status_code=201,
+    responses={
+        **RESPONSES,
+        413: {"model": Problem, "content": {MEDIA_TYPE: {}}, "description": "body too large"},
+    },
+    summary="add a feed",
+    openapi_extra=_feed_schema(),
+)
+async def create_feed(request: Request) -> Any:
+    # Read here, after the router's token check, rather than by FastAPI before it.
     try:
-        return await run_in_threadpool(registry.add_feed, registry.FeedSpec(**body.model_dump()))
+        data = await bodies.json_object(request, MAX_BODY)
+    except bodies.Refused as refused:
+        return refused.response
+    if "password_env" in data:
+        return bad_input(
+            [
+                (
+                    "password_env",
+                    "is an operator's option of `roomkeeper feeds add`, not accepted over HTTP; "
+                    "send the password itself (it is stored encrypted)",
+                )
+            ]
+        )
+    try:
+        body = FeedBody.model_validate(data)
+    except ValidationError as exc:
+        return bad_input(problems(exc))
+    spec = registry.FeedSpec(**body.model_dump())
+    try:
+        return await run_in_threadpool(lambda: registry.add_feed(spec, over_http=True))
     except registry.FeedError as exc:
         return _refused(exc)
 

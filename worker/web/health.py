@@ -64,14 +64,16 @@ def _pool() -> ThreadPoolExecutor:
 
 
 async def _check(name: str, check: Callable[[], None]) -> str | None:
-    """None when the check passed within the deadline, else why not (no URL or secret in it)."""
+    """None when the check passed within the deadline, else why not: the error's text goes to the
+    log only (it may name hosts, users or schemas); the answer says which dependency is down."""
     future = asyncio.get_running_loop().run_in_executor(_pool(), check)
     try:
         await asyncio.wait_for(future, timeout=metrics.TIMEOUT_SECONDS)
     except TimeoutError:
         return f"{name}: no answer within {metrics.TIMEOUT_SECONDS:g} s"
     except Exception as error:
-        return f"{name}: {metrics.describe(error)}"
+        log.warning("readiness: %s: %s", name, metrics.describe(error))
+        return f"{name}: not answering (the reason is in the web process's log)"
     return None
 
 

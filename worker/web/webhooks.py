@@ -18,6 +18,7 @@ from config.settings import get_settings
 from worker import occupancy
 from worker.app import app
 from worker.models import utcnow
+from worker.web import bodies
 from worker.web.problems import MEDIA_TYPE, Problem, problem
 
 log = logging.getLogger(__name__)
@@ -61,11 +62,18 @@ async def whereby_webhook(request: Request) -> JSONResponse:
     secret = get_settings().whereby_webhook_secret
     if secret is None:
         return problem(404, "Not Found", "webhooks are not configured here")
-    raw = await request.body()
-    if len(raw) > MAX_BODY:
-        return problem(413, "Payload Too Large", f"at most {MAX_BODY} bytes")
+    header = request.headers.get("Whereby-Signature")
     try:
-        occupancy.verify(raw, request.headers.get("Whereby-Signature"), secret.get_secret_value(), utcnow())
+        # The header's shape first: a caller without one is refused before any byte is read.
+        occupancy.signature_fields(header)
+    except occupancy.BadSignature as error:
+        return problem(401, "Unauthorized", str(error))
+    try:
+        raw = await bodies.read(request, MAX_BODY)
+    except bodies.Refused as refused:
+        return refused.response
+    try:
+        occupancy.verify(raw, header, secret.get_secret_value(), utcnow())
     except occupancy.BadSignature as error:
         return problem(401, "Unauthorized", str(error))
     try:
