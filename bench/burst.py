@@ -16,7 +16,7 @@ and deleted, or gives up a bounded time after the last end, and reports:
 `tests/test_burst.py` runs the same load through `run` on its own processes and asserts outcomes.
 
     python -m bench.burst [--sizes 1000,3000,10000] [--window 3] [--concurrency 16]
-                          [--database postgresql://…] [--give-up SECONDS] [--keep-logs]
+                          [--database postgresql://…] [--give-up SECONDS] [--keep]
 
 A size may carry its own window: `--sizes 1000/5,3000/3`. `make bench ARGS="--only burst"` runs it
 as a phase of the benchmark (`--burst-sizes`, `--burst-window`, `--burst-concurrency`).
@@ -37,8 +37,9 @@ from pathlib import Path
 from typing import Any
 
 from celery import Celery
-from celery.result import ResultSet
+from sqlalchemy import text
 
+from bench.bookings import book_in_batches
 from bench.common import (
     SERVICE_SETTINGS,
     Booked,
@@ -53,11 +54,9 @@ from bench.common import (
 from tests.harness import ProcessSystem, parse
 from worker.sandbox import SandboxAdmin
 
-BATCH = 1000
 LEAD_SECONDS = 5.0  # the room is due this long before the start
 DURATION_SECONDS = 10.0  # start to end: the deletions fall due 15 s after the creations
 LIVE_AFTER_END_SECONDS = 10.0  # "still live" means this long after the end, or never deleted
-STALL_SECONDS = 60.0  # no Whereby call at all for this long, after the last end: stop waiting
 CREATE_TASK, DELETE_TASK = "rooms.create_room", "rooms.delete_room"
 
 
@@ -99,21 +98,8 @@ def plan(
 
 def book(caller: Celery, bookings: Sequence[Booked], timeout: float = 300.0) -> float:
     """Book them all in batches of 1,000, sent at once; the seconds until the last answer."""
-    from bench.run import release
-
-    t0 = time.monotonic()
     items = [{"booking_id": b.booking_id, "start": iso(b.start), "end": iso(b.end)} for b in bookings]
-    results = [
-        caller.send_task("rooms.schedule_meetings", queue="rooms", kwargs={"bookings": items[i : i + BATCH]})
-        for i in range(0, len(items), BATCH)
-    ]
-    answers = ResultSet(results).join_native(timeout=timeout, propagate=True)
-    elapsed = time.monotonic() - t0
-    release(caller, results)
-    refused = [r for answer in answers for r in answer if not r["ok"]]
-    if refused:
-        raise RuntimeError(f"{len(refused)} bookings refused, e.g. {refused[0]!r}")
-    return elapsed
+    return book_in_batches(caller, items, timeout)
 
 
 # --------------------------------------------------------------------------------------------
@@ -262,9 +248,6 @@ def run(
         if settled and not admin.rooms(include_deleted=False):
             watched.outcome = "done"
             break
-        if over and time.monotonic() - watched.last_call > STALL_SECONDS:
-            watched.outcome = "stalled"
-            break
         if time.monotonic() >= next_report:
             next_report += 10
             counts = _merged(r.update() for r in worker_logs)
@@ -294,6 +277,8 @@ def run(
         booked_ahead_of_due_s=round(ahead, 2),
         outcome=watched.outcome,
         watched_s=round(took, 1),
+        last_whereby_call_s_before_end=round(time.monotonic() - watched.last_call, 1),
+        store_states=_store_states(procs),
         worker_cpu_s=round(cpu_used, 2),
         worker_cpu_ms_per_room=round(1000 * cpu_used / made, 2) if made else None,
         load_at_due=[round(x, 2) for x in load_at_due],
@@ -301,6 +286,18 @@ def run(
         whereby_calls=watched.calls,
     )
     return figures
+
+
+def _store_states(procs: ProcessSystem) -> dict[str, int]:
+    """Meetings by state and by the kind of claim they hold (the token's first letter)."""
+    try:
+        with procs.engine.connect() as connection:
+            rows = connection.execute(
+                text("SELECT state, substr(claim_token, 1, 1), count(*) FROM meeting GROUP BY 1, 2")
+            ).all()
+    except Exception as error:  # a figure for the reader, not the run's outcome
+        return {"error": 1, type(error).__name__: 1}
+    return {f"{state} {claim or '-'}": int(count) for state, claim, count in rows}
 
 
 def _cpu(procs: ProcessSystem) -> float:
@@ -406,7 +403,7 @@ def one_size(
     concurrency: int,
     latency_ms: float,
     give_up_s: float | None,
-    keep_logs: bool,
+    keep: bool,
 ) -> dict[str, Any]:
     stack = Stack.start(
         f"burst{n}",  # also a PostgreSQL schema name
@@ -421,14 +418,18 @@ def one_size(
         return figures
     finally:
         stack.stop()
-        temporary = [stack.logs]
+        store_dir = None
         if stack.store.label == "SQLite":
-            temporary.append(Path(stack.store.url.removeprefix("sqlite:///")).parent)
-        if keep_logs or figures.get("outcome") != "done":
-            say(f"  logs kept in {stack.logs}")
-            temporary.remove(stack.logs)
-        for directory in temporary:
-            shutil.rmtree(directory, ignore_errors=True)
+            store_dir = Path(stack.store.url.removeprefix("sqlite:///")).parent
+        if keep:
+            say(f"  kept: logs in {stack.logs}, store {stack.store.url}")
+        else:
+            if store_dir is not None:
+                shutil.rmtree(store_dir, ignore_errors=True)
+            if figures.get("outcome") == "done":
+                shutil.rmtree(stack.logs, ignore_errors=True)
+            else:
+                say(f"  logs kept in {stack.logs}")
 
 
 def runs(
@@ -438,7 +439,7 @@ def runs(
     concurrency: int = 16,
     latency_ms: float = 50.0,
     give_up_s: float | None = None,
-    keep_logs: bool = False,
+    keep: bool = False,
 ) -> dict[str, Any]:
     rows = []
     for n, window in sizes:
@@ -449,7 +450,7 @@ def runs(
             concurrency=concurrency,
             latency_ms=latency_ms,
             give_up_s=give_up_s,
-            keep_logs=keep_logs,
+            keep=keep,
         )
         rows.append(row)
         say(f"  {row_line(row)}")
@@ -518,7 +519,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--give-up", type=float, default=None, help="seconds after the last end (default 60+)"
     )
-    parser.add_argument("--keep-logs", action="store_true", help="keep the processes' logs")
+    parser.add_argument("--keep", action="store_true", help="keep the logs and the SQLite store")
     parser.add_argument("--json", default=None, help="also write the figures here")
     args = parser.parse_args(argv)
     say(f"machine: {machine()}; load {os.getloadavg()}")
@@ -528,7 +529,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         concurrency=args.concurrency,
         latency_ms=args.latency,
         give_up_s=args.give_up,
-        keep_logs=args.keep_logs,
+        keep=args.keep,
     )
     say("")
     say("\n".join(lines(figures)))

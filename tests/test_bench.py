@@ -77,3 +77,30 @@ def test_a_throughput_row_quotes_the_median_run_and_keeps_every_run() -> None:
     assert row["cpu_ms_per_creation"] == 8.25  # a run without the figure is left out, not zero
     assert row["per_s_runs"] == [110.0, 135.0, 120.0]
     assert row["created"] == 1990 and row["store"] == "SQLite" and row["concurrency"] == 16
+
+
+def test_burst_counts_messages_skips_and_dispatches_from_the_processes_logs() -> None:
+    from bench.burst import count_lines
+
+    at = "[2026-12-02 02:27:50,192: INFO/MainProcess]"
+    lines = [
+        f"{at} Task rooms.create_room[f80e5d75-bdca] received",
+        f"{at} Task rooms.create_room[97d3bea4-1875] received",
+        f"{at} Task rooms.create_room[97d3bea4-1875] succeeded in 0.01s: 'created'",
+        f"{at} Task rooms.create_room[f80e5d75-bdca] succeeded in 0.002s: "
+        "'skipped: claim already taken (duplicate delivery)'",
+        f"{at} Task rooms.delete_room[78d5c7e7-ccb6] received",
+        f"{at} Task rooms.delete_room[78d5c7e7-ccb6] succeeded in 0.1s: 'skipped: not due'",
+        f"{at} Task rooms.delete_room[78d5c7e7-ccb6] raised expected: WherebyCallFailed('503')",
+        f"{at} dispatched 1137 creations and 2 deletions",
+        "[2026-12-02 02:29:14,333: WARNING/MainProcess] beat: recover-overdue-work (rooms.recover_overdue)"
+        " skipped this tick: its previous run is still going after 2.0 s",
+        f"{at} booking b-1: scheduled, room due at 10:00",
+    ]
+    counts = count_lines(lines)
+    assert counts.received == {"rooms.create_room": 2, "rooms.delete_room": 1}
+    assert counts.skipped_duplicate == {"rooms.create_room": 1}
+    assert counts.skipped_other == {"rooms.delete_room": 1}
+    assert counts.failed == {"rooms.delete_room": 1}
+    assert counts.dispatched == {"creations": 1137, "deletions": 2} and counts.dispatch_lines == 1
+    assert counts.ticks_skipped == 1 and counts.levels == {"WARNING": 1}
