@@ -49,13 +49,21 @@ def feeds_add(
         str | None, typer.Option(help="the environment variable holding the CalDAV password")
     ] = None,
     password: Annotated[
-        str | None, typer.Option(help="the CalDAV password, kept encrypted (needs ROOMKEEPER_SECRET_KEY)")
-    ] = None,
+        bool,
+        typer.Option(
+            "--password",
+            help=(
+                "read the CalDAV password from standard input (prompted without echo on a terminal), "
+                "kept encrypted (needs ROOMKEEPER_SECRET_KEY); never on the command line"
+            ),
+        ),
+    ] = False,
     caldav: Annotated[bool, typer.Option("--caldav", help="read the URL as a CalDAV calendar")] = False,
 ) -> None:
     """Add a feed: every event in its horizon (matching --match) becomes a booking."""
     from worker.feeds import registry
 
+    secret = _read_password() if password else None
     spec = registry.FeedSpec(
         name=name,
         url=url,
@@ -65,12 +73,26 @@ def feeds_add(
         notify=_feed_json(notify, "notify"),
         username=username,
         password_env=password_env,
-        password=password,
+        password=secret,
         timezone=timezone,
         caldav=caldav,
     )
     _feed_call(registry.add_feed, spec)
     console.print(f"feed {escape(name)} added; synced at the next poll (or: roomkeeper feeds sync NAME)")
+
+
+def _read_password() -> str:
+    # Not an argument: argv is visible to every user of the host (ps) and kept in shell history.
+    if sys.stdin.isatty():
+        return str(typer.prompt("CalDAV password", hide_input=True))
+    line = sys.stdin.readline(_max_password() + 2)
+    return line.rstrip("\r\n")
+
+
+def _max_password() -> int:
+    from worker.feeds import registry
+
+    return registry.MAX_PASSWORD
 
 
 def _changes(changes: dict[str, Any] | None) -> str:

@@ -244,14 +244,17 @@ def _guard(calendar: icalendar.Calendar, zone: tzinfo, window_start: datetime, o
                 freq = str(_first(rule, "FREQ", "?")).upper()
                 why = f"FREQ={freq} makes more than {limits.MAX_PER_DAY} occurrences a day"
                 break
-        if why is None and len(rules) == 1 and not _move_up(component, rules[0], start, horizon):
-            dropped.add(uid)  # its COUNT ran out before the horizon: nothing to book, nothing to say
-            continue
-        if why is None:
-            start = _aware(component["DTSTART"].dt, zone)
-            steps = max(_steps_before(rule, start, horizon) for rule in rules)
-            if steps > limits.MAX_STEPS_BEFORE:
-                why = f"its rule would step through about {steps:,.0f} occurrences before the horizon"
+        try:
+            if why is None and len(rules) == 1 and not _move_up(component, rules[0], start, horizon):
+                dropped.add(uid)  # its COUNT ran out before the horizon: nothing to book, nothing to say
+                continue
+            if why is None:
+                start = _aware(component["DTSTART"].dt, zone)
+                steps = max(_steps_before(rule, start, horizon) for rule in rules)
+                if steps > limits.MAX_STEPS_BEFORE:
+                    why = f"its rule would step through about {steps:,.0f} occurrences before the horizon"
+        except Exception:  # a property icalendar could not read (DTEND, COUNT, …)
+            why = "a property of the series does not parse"
         if why is not None:
             dropped.add(uid)
             out.skipped_series += 1
