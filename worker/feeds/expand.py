@@ -210,12 +210,19 @@ def _move_up(component: Any, rule: Any, start: datetime, horizon: datetime) -> b
             return False
         rule["COUNT"] = [left]
     moved = step * periods
-    dtstart = component["DTSTART"].dt
-    component["DTSTART"] = icalendar.vDDDTypes(dtstart + moved)
-    end = component.get("DTEND")
-    if end is not None and isinstance(end.dt, datetime):
-        component["DTEND"] = icalendar.vDDDTypes(end.dt + moved)
+    component["DTSTART"] = icalendar.vDDDTypes(_dt(component, "DTSTART") + moved)
+    end = _dt(component, "DTEND")
+    if isinstance(end, datetime):
+        component["DTEND"] = icalendar.vDDDTypes(end + moved)
     return True
+
+
+def _dt(component: Any, name: str) -> Any:
+    """The value of a date-time property, None when missing or unreadable."""
+    try:
+        return getattr(component.get(name), "dt", None)
+    except Exception:  # icalendar's vBroken raises on .dt
+        return None
 
 
 def _guard(calendar: icalendar.Calendar, zone: tzinfo, window_start: datetime, out: Expansion) -> None:
@@ -234,10 +241,10 @@ def _guard(calendar: icalendar.Calendar, zone: tzinfo, window_start: datetime, o
             out.skipped_series += 1
             out.note(f"series {uid[:100]!r} skipped: its RRULE does not parse")
             continue
-        start_prop = component.get("DTSTART")
-        if start_prop is None or not isinstance(start_prop.dt, datetime):
-            continue  # all-day: never booked
-        start = _aware(start_prop.dt, zone)
+        start_value = _dt(component, "DTSTART")
+        if not isinstance(start_value, datetime):
+            continue  # all-day (never booked), or no start: left to the expansion's own rules
+        start = _aware(start_value, zone)
         why = None
         for rule in rules:
             if per_day(rule) > limits.MAX_PER_DAY:
@@ -249,7 +256,7 @@ def _guard(calendar: icalendar.Calendar, zone: tzinfo, window_start: datetime, o
                 dropped.add(uid)  # its COUNT ran out before the horizon: nothing to book, nothing to say
                 continue
             if why is None:
-                start = _aware(component["DTSTART"].dt, zone)
+                start = _aware(_dt(component, "DTSTART"), zone)
                 steps = max(_steps_before(rule, start, horizon) for rule in rules)
                 if steps > limits.MAX_STEPS_BEFORE:
                     why = f"its rule would step through about {steps:,.0f} occurrences before the horizon"
