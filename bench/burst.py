@@ -1,11 +1,13 @@
 """A burst of due work (issue 16): N meetings whose rooms all fall due within S seconds, and whose
-ends fall within S seconds too (short meetings, no delete grace), on one worker as the Procfile
-runs it.
+ends fall within S seconds too (no delete grace), on one worker as the Procfile runs it.
 
-The meetings are booked well before they fall due, in batches of 1,000 (`rooms.schedule_meetings`),
-far enough ahead that beat's dispatcher, not the booking, sends their creations. Then the run
-watches Whereby's side (the sandbox's record of calls and rooms) until every room has been made
-and deleted, or gives up a bounded time after the last end, and reports:
+Each meeting starts 5 s after its room is due and lasts `meeting_seconds(N)` (N / 40 s, at least
+30 s: time enough to make every room before the first end, so a room missing at the end is the
+service's doing). The meetings are booked well before they fall due, in batches of 1,000
+(`rooms.schedule_meetings`), far enough ahead that beat's dispatcher, not the booking, sends their
+creations. Then the run watches Whereby's side (the sandbox's record of calls and rooms) until
+every room made has been deleted and no meeting waits any more, or gives up a bounded time after
+the last end, and reports:
 
 - rooms made, and how late each was against its due instant (p50 / p99 / max);
 - rooms still live some seconds after their meeting's end, and the deletion lag (p50 / p99 / max);
@@ -16,7 +18,7 @@ and deleted, or gives up a bounded time after the last end, and reports:
 `tests/test_burst.py` runs the same load through `run` on its own processes and asserts outcomes.
 
     python -m bench.burst [--sizes 1000,3000,10000] [--window 3] [--concurrency 16]
-                          [--database postgresql://…] [--give-up SECONDS] [--keep]
+                          [--meeting-seconds S] [--database postgresql://…] [--give-up S] [--keep]
 
 A size may carry its own window: `--sizes 1000/5,3000/3`. `make bench ARGS="--only burst"` runs it
 as a phase of the benchmark (`--burst-sizes`, `--burst-window`, `--burst-concurrency`).
@@ -55,7 +57,6 @@ from tests.harness import ProcessSystem, parse
 from worker.sandbox import SandboxAdmin
 
 LEAD_SECONDS = 5.0  # the room is due this long before the start
-DURATION_SECONDS = 10.0  # start to end: the deletions fall due 15 s after the creations
 LIVE_AFTER_END_SECONDS = 10.0  # "still live" means this long after the end, or never deleted
 CREATE_TASK, DELETE_TASK = "rooms.create_room", "rooms.delete_room"
 
@@ -73,6 +74,13 @@ def settings(concurrency: int = 16, lead: float = LEAD_SECONDS) -> dict[str, str
         "ROOMKEEPER_API_POINTS_PER_MINUTE": "0",
         "ROOMKEEPER_WORKER_CONCURRENCY": str(concurrency),
     }
+
+
+def meeting_seconds(n: int) -> float:
+    """Start to end: long enough that a worker making 40 rooms a second (a third of what one
+    worker process makes here when nothing else is due) has made every room before the first
+    end, so that a room missing at the end is the service's failure, not the machine's size."""
+    return max(30.0, n / 40)
 
 
 def give_up_after(n: int) -> float:
@@ -109,7 +117,7 @@ _TASK_LINE = re.compile(
     r"Task (rooms\.[\w.]+)\[[^\]]+\] (?:(received)$|succeeded in [^:]*: '?(.*?)'?$|raised \w+: (.*)$)"
 )
 _LEVEL = re.compile(r"\[[^\]]*: (WARNING|ERROR|CRITICAL)/")
-_DISPATCHED = re.compile(r"dispatched (\d+) creations and (\d+) deletions")
+_DISPATCHED = re.compile(r"(dispatched|recovered) (\d+) creations and (\d+) deletions")
 
 
 @dataclass
@@ -117,11 +125,13 @@ class LogCounts:
     """What a process's log says happened, per task: messages received, skipped, failed."""
 
     received: dict[str, int] = field(default_factory=dict)
-    skipped_duplicate: dict[str, int] = field(default_factory=dict)  # found its claim taken
+    # did nothing: its claim taken, or another copy of it running or done
+    skipped_duplicate: dict[str, int] = field(default_factory=dict)
     skipped_other: dict[str, int] = field(default_factory=dict)
     failed: dict[str, int] = field(default_factory=dict)  # raised (a failed Whereby call, mostly)
     levels: dict[str, int] = field(default_factory=dict)  # WARNING / ERROR / CRITICAL lines
-    dispatched: dict[str, int] = field(default_factory=lambda: {"creations": 0, "deletions": 0})
+    # "dispatched" (due work), "recovered" (sent again by the recovery pass), where the log says so
+    dispatched: dict[str, int] = field(default_factory=dict)
     dispatch_lines: int = 0
     ticks_skipped: int = 0  # beat: "skipped this tick: its previous run is still going"
 
@@ -135,18 +145,19 @@ class LogCounts:
             elif error is not None:
                 _bump(self.failed, task)
             elif result is not None and result.startswith("skipped"):
-                duplicate = "duplicate" in result or "claim already taken" in result
+                duplicate = any(word in result for word in ("duplicate", "claim already taken", "copy"))
                 _bump(self.skipped_duplicate if duplicate else self.skipped_other, task)
         elif found := _DISPATCHED.search(line):
-            self.dispatched["creations"] += int(found.group(1))
-            self.dispatched["deletions"] += int(found.group(2))
+            how, creations, deletions = found.groups()
+            _bump(self.dispatched, f"{how} creations", int(creations))
+            _bump(self.dispatched, f"{how} deletions", int(deletions))
             self.dispatch_lines += 1
         elif "skipped this tick" in line:
             self.ticks_skipped += 1
 
 
-def _bump(counts: dict[str, int], key: str) -> None:
-    counts[key] = counts.get(key, 0) + 1
+def _bump(counts: dict[str, int], key: str, by: int = 1) -> None:
+    counts[key] = counts.get(key, 0) + by
 
 
 class LogReader:
@@ -213,13 +224,14 @@ def run(
     window: float,
     prefix: str = "burst",
     lead: float = LEAD_SECONDS,
-    duration: float = DURATION_SECONDS,
+    duration: float | None = None,
     give_up_s: float | None = None,
     log: Callable[[str], None] = say,
 ) -> dict[str, Any]:
     """Book a burst on a running worker and beat (started by the caller, with `settings()`),
     watch it from Whereby's side until every room is made and deleted or the deadline passes,
     and return its figures. Stops nothing: the caller owns the processes."""
+    duration = meeting_seconds(n) if duration is None else duration
     dispatch_interval = float(procs.env.get("ROOMKEEPER_DISPATCH_INTERVAL_SECONDS", "15"))
     # Far enough ahead that the booking is over and beat's dispatcher sends the creations.
     booking_estimate = 3.0 + n / 1000
@@ -244,8 +256,10 @@ def run(
         time.sleep(2.0)
         watched.take(admin.calls(since=watched.seq))
         over = utcnow() > last_end
-        settled = over and watched.made >= n and watched.deleted >= watched.made
-        if settled and not admin.rooms(include_deleted=False):
+        # Every room made has been deleted, and no meeting waits for a room any more (each one
+        # ended, or failed: it ended before its room could be made).
+        settled = over and watched.deleted >= watched.made
+        if settled and not admin.rooms(include_deleted=False) and _all_final(procs):
             watched.outcome = "done"
             break
         if time.monotonic() >= next_report:
@@ -286,6 +300,14 @@ def run(
         whereby_calls=watched.calls,
     )
     return figures
+
+
+def _all_final(procs: ProcessSystem) -> bool:
+    with procs.engine.connect() as connection:
+        waiting = connection.execute(
+            text("SELECT count(*) FROM meeting WHERE state NOT IN ('ended', 'failed', 'cancelled')")
+        ).scalar_one()
+    return int(waiting) == 0
 
 
 def _store_states(procs: ProcessSystem) -> dict[str, int]:
@@ -404,6 +426,7 @@ def one_size(
     latency_ms: float,
     give_up_s: float | None,
     keep: bool,
+    duration: float | None = None,
 ) -> dict[str, Any]:
     stack = Stack.start(
         f"burst{n}",  # also a PostgreSQL schema name
@@ -413,7 +436,9 @@ def one_size(
     )
     figures: dict[str, Any] = {}
     try:
-        figures = run(stack.procs, stack.sandbox.admin, n=n, window=window, give_up_s=give_up_s)
+        figures = run(
+            stack.procs, stack.sandbox.admin, n=n, window=window, duration=duration, give_up_s=give_up_s
+        )
         figures.update(store=stack.store.label, latency_ms=latency_ms, memory_mib=dict(stack.sample_memory()))
         return figures
     finally:
@@ -440,6 +465,7 @@ def runs(
     latency_ms: float = 50.0,
     give_up_s: float | None = None,
     keep: bool = False,
+    duration: float | None = None,
 ) -> dict[str, Any]:
     rows = []
     for n, window in sizes:
@@ -451,6 +477,7 @@ def runs(
             latency_ms=latency_ms,
             give_up_s=give_up_s,
             keep=keep,
+            duration=duration,
         )
         rows.append(row)
         say(f"  {row_line(row)}")
@@ -514,6 +541,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--sizes", default="1000,3000,10000", help="meetings per burst, e.g. 1000/5,3000/3")
     parser.add_argument("--window", type=float, default=3.0, help="seconds over which rooms fall due")
     parser.add_argument("--concurrency", type=int, default=16, help="the worker's threads")
+    parser.add_argument(
+        "--meeting-seconds", type=float, default=None, help="start to end (default N/40, at least 30)"
+    )
     parser.add_argument("--latency", type=float, default=50.0, help="the sandbox's latency, ms")
     parser.add_argument("--database", default=None, help="a postgresql:// server URL; default SQLite")
     parser.add_argument(
@@ -530,6 +560,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         latency_ms=args.latency,
         give_up_s=args.give_up,
         keep=args.keep,
+        duration=args.meeting_seconds,
     )
     say("")
     say("\n".join(lines(figures)))

@@ -93,14 +93,23 @@ def test_burst_counts_messages_skips_and_dispatches_from_the_processes_logs() ->
         f"{at} Task rooms.delete_room[78d5c7e7-ccb6] succeeded in 0.1s: 'skipped: not due'",
         f"{at} Task rooms.delete_room[78d5c7e7-ccb6] raised expected: WherebyCallFailed('503')",
         f"{at} dispatched 1137 creations and 2 deletions",
+        f"{at} recovered 3 creations and 0 deletions",
+        f"{at} Task rooms.create_room[97d3bea4-1875] succeeded in 0.01s: "
+        "'skipped: not due, or done, or running (a copy of this message)'",
         "[2026-12-02 02:29:14,333: WARNING/MainProcess] beat: recover-overdue-work (rooms.recover_overdue)"
         " skipped this tick: its previous run is still going after 2.0 s",
         f"{at} booking b-1: scheduled, room due at 10:00",
     ]
     counts = count_lines(lines)
     assert counts.received == {"rooms.create_room": 2, "rooms.delete_room": 1}
-    assert counts.skipped_duplicate == {"rooms.create_room": 1}
+    assert counts.skipped_duplicate == {"rooms.create_room": 2}
     assert counts.skipped_other == {"rooms.delete_room": 1}
     assert counts.failed == {"rooms.delete_room": 1}
-    assert counts.dispatched == {"creations": 1137, "deletions": 2} and counts.dispatch_lines == 1
+    assert counts.dispatched == {
+        "dispatched creations": 1137,
+        "dispatched deletions": 2,
+        "recovered creations": 3,
+        "recovered deletions": 0,
+    }
+    assert counts.dispatch_lines == 2
     assert counts.ticks_skipped == 1 and counts.levels == {"WARNING": 1}
