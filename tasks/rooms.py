@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from celery import bootsteps
 from celery.signals import task_received
 
 from worker import claims, creation, deletion
@@ -46,3 +47,17 @@ def _hold_while_waiting(request: Any = None, **_: Any) -> None:
         pk, claim = kwargs.get(key), kwargs.get("claim")
         if isinstance(pk, int) and isinstance(claim, str):
             claims.message_received(model, pk, claim)
+
+
+class HeldMessages(bootsteps.StartStopStep):
+    """The worker's consumer lets go of the messages it holds when it stops: on shutdown, and when
+    it loses the broker (Celery then drops the ETA messages it was waiting on, and the broker may
+    have lost them too). Their leases then lapse, and the dispatcher sends them again."""
+
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def stop(self, parent: Any) -> None:
+        claims.renewer.release_messages()
+
+    def shutdown(self, parent: Any) -> None:
+        claims.renewer.release_messages()

@@ -33,6 +33,8 @@ app = Celery(
     ],
 )
 app.config_from_object(celery_config(get_settings()))
+# The consumer lets go of the room messages it holds when it stops or loses the broker.
+app.steps["consumer"].add("tasks.rooms:HeldMessages")
 
 
 @worker_init.connect

@@ -108,6 +108,11 @@ class Renewer:
         with self._lock:
             self._held.discard(key)
 
+    def release_messages(self) -> None:
+        """Let go of every message held here (the runs stay held)."""
+        with self._lock:
+            self._held = {key for key in self._held if key[2].startswith(RUN_CLAIM)}
+
     @contextmanager
     def holding(self, model: type[M], pk: int, token: str) -> Iterator[None]:
         key: Key = (model, pk, token)
@@ -133,10 +138,16 @@ class Renewer:
             time.sleep(lease / 3)
             held = self.held()
             if held and self._thread is thread:
+                began = time.monotonic()
                 try:
                     self.renew(held, lease)
                 except Exception:  # the next round, or the lease running out, settles it
                     log.exception("renewing %d claims failed", len(held))
+                took = time.monotonic() - began
+                if took > lease / 3:
+                    log.warning(
+                        "renewing %d leases took %.2f s (the lease is %.0f s)", len(held), took, lease
+                    )
 
     def renew(self, held: Sequence[Key], lease: float) -> None:
         """Renew every lease held here. A message whose row moved on (a copy started it, it was
