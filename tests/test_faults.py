@@ -76,6 +76,41 @@ def test_lost_replies_on_create_make_one_room(procs: ProcessSystem, sandbox: San
     assert_exactly_one_room_each(procs, booked, late=timedelta(seconds=1))
 
 
+def test_a_streak_of_failures_right_before_the_start_still_makes_the_room_in_time(
+    database: str, sandbox: SandboxAdmin, sandbox_server: SandboxServer
+) -> None:
+    """Issue 16: the room is due 5 s before the start, and Whereby answers 503, then makes the room
+    but loses the reply, then fails the look-up with a 502. With the service's own backoff (2 s,
+    doubling) that streak pushed the next attempt past the start; retries that know the start
+    come every second or so near it, and the room is ready in time. Attempts are not counted out
+    (ROOMKEEPER_MAX_ATTEMPTS is 2 here)."""
+    settings = {
+        "ROOMKEEPER_CREATE_LEAD_SECONDS": "5",
+        "ROOMKEEPER_RETRY_BASE_SECONDS": "2",
+        "ROOMKEEPER_RETRY_MAX_SECONDS": "300",
+        "ROOMKEEPER_MAX_ATTEMPTS": "2",
+    }
+    system = ProcessSystem(database, sandbox_server.url, sandbox_server.admin_url, settings=settings)
+    try:
+        sandbox.set_faults(latency_ms=50)
+        system.start_worker()
+        system.start_beat()
+        sandbox.script(
+            {"method": "POST", "action": "error", "status": 503},
+            {"method": "POST", "action": "lost_reply"},
+            {"method": "GET", "action": "error", "status": 502},
+        )
+        booked = book_many(system, "streak", 1, first_start=8, length=4)
+        wait_all_ended(system, booked)
+        assert sandbox.set_faults()["script"] == []  # the whole streak was met
+        assert_exactly_one_room_each(system, booked, late=timedelta(seconds=1))
+        ((start, _),) = booked.values()
+        (room,) = system.audit().rooms["streak-0"]
+        assert parse(room["created_at"]) < start, "the room was not ready by the start"
+    finally:
+        system.stop()
+
+
 def test_worker_killed_mid_create(procs: ProcessSystem, sandbox: SandboxAdmin) -> None:
     sandbox.set_faults(latency_ms=1200)
     procs.start_worker()

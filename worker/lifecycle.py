@@ -85,10 +85,11 @@ def outcome_unknown(error: Exception) -> bool:
     return isinstance(error, whereby.ServerError)
 
 
-# A creation whose meeting starts within this long is tried again within URGENT_RETRY_SECONDS
-# (jittered) after a transient failure: a streak of 5xx then costs seconds, not the meeting.
+# A creation whose meeting starts within this long (or has started) is tried again within
+# URGENT_RETRY_SECONDS (jittered) after a transient failure: a streak of 5xx costs seconds, not
+# the meeting.
 URGENT_WINDOW = timedelta(seconds=10)
-URGENT_RETRY_SECONDS = (1.0, 2.0)
+URGENT_RETRY_SECONDS = (0.5, 1.5)
 
 
 def create_retry_delay(
@@ -97,7 +98,7 @@ def create_retry_delay(
     """Seconds until the next attempt after a transient failure: the exponential backoff, but never
     past the meeting's start. Far from the start the wait is at most half the time left, so
     attempts close in on it; near the start (or past it, the meeting waiting for its room) they
-    come every second or two."""
+    come every second or so."""
     delay = backoff_seconds(attempts, settings.retry_base_seconds, settings.retry_max_seconds, rng)
     if start is None:
         return delay
