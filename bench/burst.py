@@ -501,8 +501,8 @@ def _p(p: Mapping[str, Any]) -> str:
 
 
 HEADER = (
-    f"{'burst':<18}{'made':>13}  {'creation vs due s':<24}{'live':>6}  {'deletion lag s':<24}"
-    f"{'copies c/d':<13}{'dup skips':>10}{'CPU ms/room':>12}  outcome"
+    f"{'burst':<18}{'made':>13}  {'creation vs due s':<26}{'live':>6}  {'deletion lag s':<26}"
+    f"{'copies c/d':<15}{'dup skips':>10}{'CPU ms/room':>12}  outcome"
 )
 
 
@@ -511,8 +511,8 @@ def row_line(row: Mapping[str, Any]) -> str:
     copies = f"{row['create_copies_per_row']} / {row['delete_copies_per_room'] or '-'}"
     made = f"{row['rooms_made']}/{row['meetings']}"
     return (
-        f"{row['meetings']:>6} in {row['window_s']:>4g} s  {made:>13}  {_p(row['creation_vs_due_s']):<24}"
-        f"{row['live_after_end']:>6}  {_p(row['deletion_lag_s']):<24}{copies:<13}{skips:>10}"
+        f"{row['meetings']:>6} in {row['window_s']:>4g} s  {made:>13}  {_p(row['creation_vs_due_s']):<26}"
+        f"{row['live_after_end']:>6}  {_p(row['deletion_lag_s']):<26}{copies:<15}{skips:>10}"
         f"{row['worker_cpu_ms_per_room'] or '-':>12}  {row['outcome']} after {row['watched_s']} s"
     )
 
