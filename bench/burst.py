@@ -421,11 +421,11 @@ def one_size(
     n: int,
     window: float,
     *,
-    database: str | None,
-    concurrency: int,
-    latency_ms: float,
-    give_up_s: float | None,
-    keep: bool,
+    database: str | None = None,
+    concurrency: int = 16,
+    latency_ms: float = 50.0,
+    give_up_s: float | None = None,
+    keep: bool = False,
     duration: float | None = None,
 ) -> dict[str, Any]:
     stack = Stack.start(
@@ -457,28 +457,11 @@ def one_size(
                 say(f"  logs kept in {stack.logs}")
 
 
-def runs(
-    sizes: Sequence[tuple[int, float]],
-    *,
-    database: str | None = None,
-    concurrency: int = 16,
-    latency_ms: float = 50.0,
-    give_up_s: float | None = None,
-    keep: bool = False,
-    duration: float | None = None,
-) -> dict[str, Any]:
+def runs(sizes: Sequence[tuple[int, float]], **options: Any) -> dict[str, Any]:
+    """One burst per (size, window), each on a fresh stack; `options` as `one_size` takes them."""
     rows = []
     for n, window in sizes:
-        row = one_size(
-            n,
-            window,
-            database=database,
-            concurrency=concurrency,
-            latency_ms=latency_ms,
-            give_up_s=give_up_s,
-            keep=keep,
-            duration=duration,
-        )
+        row = one_size(n, window, **options)
         rows.append(row)
         say(f"  {row_line(row)}")
     return {"pool": "threads", "processes": 1, "rows": rows}
