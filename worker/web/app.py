@@ -13,16 +13,17 @@ from worker.web import problems
 
 def create_app() -> FastAPI:
     # Imported here so that `worker.web` can be imported without pulling every router in.
-    from worker.web import bookings, feeds, health, webhooks
+    from worker.web import bookings, docs, feeds, health, webhooks
 
     app = FastAPI(
         title="roomkeeper",
         version="1",
         summary="Whereby rooms for bookings: created ahead of each meeting, deleted when it is over.",
-        docs_url="/docs",
+        docs_url=None,  # served by worker/web/docs.py from local files, not a CDN
         redoc_url=None,
     )
     problems.install(app)
+    docs.install(app)
     app.include_router(health.router)
     app.include_router(webhooks.router)
     app.include_router(bookings.router)
