@@ -357,16 +357,94 @@ def test_a_feed_that_breaks_changes_nothing_and_is_reported(
                 select(Outbox).where(Outbox.booking_id == "feed:b").order_by(col(Outbox.id))
             ).scalars()
         ]
-    assert [k["event"] for k in sent] == ["feed.failed"] * 5 + ["feed.suspicious"]
+    # One event as the feed starts failing (five failed polls), one as it turns suspicious.
+    assert [k["event"] for k in sent] == ["feed.failed", "feed.suspicious"]
     assert all(k["feed"] == "b" for k in sent)
+    assert "HTTP 500" in sent[0]["detail"]
     shown = registry.show_feed("b")
     assert shown["last_outcome"] == "suspicious"
     assert [h["outcome"] for h in shown["history"]] == ["ok"] + ["failed"] * 5 + ["suspicious"]
 
-    # The operator accepts the loss: now the five are cancelled.
+    # The operator accepts the loss: now the five are cancelled, and the feed has recovered.
     forced = sync.sync_feed("b", force=True)
     assert forced["last_outcome"] == "ok" and forced["last_changes"]["cancelled"] == 5
     assert sorted(state(bid) for bid in held) == ["cancelled"] * 5 + ["scheduled"]
+    assert feed_events("b") == ["feed.failed", "feed.suspicious", "feed.recovered"]
+
+
+def feed_events(name: str) -> list[str]:
+    with store.session_scope() as session:
+        return [
+            row.kwargs["event"]
+            for row in session.execute(
+                select(Outbox).where(Outbox.booking_id == f"feed:{name}").order_by(col(Outbox.id))
+            ).scalars()
+        ]
+
+
+@pytest.mark.parametrize(
+    ("previous", "outcome", "event"),
+    [
+        (None, "ok", None),
+        ("ok", "ok", None),
+        (None, "failed", "feed.failed"),
+        ("ok", "failed", "feed.failed"),
+        ("failed", "failed", None),
+        ("failed", "suspicious", "feed.suspicious"),
+        ("suspicious", "suspicious", None),
+        ("suspicious", "failed", "feed.failed"),
+        ("failed", "ok", "feed.recovered"),
+        ("suspicious", "ok", "feed.recovered"),
+        (None, "suspicious", "feed.suspicious"),
+    ],
+)
+def test_feed_events_are_sent_on_a_change_of_state_only(
+    previous: str | None, outcome: str, event: str | None
+) -> None:
+    assert sync.feed_event(previous, outcome) == event
+
+
+def test_a_feed_broken_for_a_day_sends_one_failed_and_one_recovered(
+    configured: str, calendars: CalendarServer
+) -> None:
+    t = base()
+    good = vcalendar(vevent("d@x", t + timedelta(days=2)))
+    url = calendars.put("/day.ics", good)
+    notify = {"task": "tests.feed_events", "queue": "feed-events"}
+    registry.add_feed(registry.FeedSpec(name="day", url=url, notify=notify, horizon_days=5))
+    start = datetime.now(UTC)
+    assert sync.sync_feed("day", now=start)["last_outcome"] == "ok"
+
+    # A day of polls every 5 minutes (the default interval) on a simulated clock: 288 failed polls.
+    calendars.put("/day.ics", "down for maintenance", status=503, ctype="text/plain")
+    polls = [start + timedelta(minutes=5 * i) for i in range(1, 289)]
+    for moment in polls:
+        assert sync.sync_feed("day", now=moment)["last_outcome"] == "failed"
+    assert feed_events("day") == ["feed.failed"]
+    row = feed_row("day")
+    assert row.last_outcome == "failed" and row.last_poll_at == polls[-1]
+
+    healed = polls[-1] + timedelta(minutes=5)
+    calendars.put("/day.ics", good)
+    assert sync.sync_feed("day", now=healed)["last_outcome"] == "ok"
+    assert sync.sync_feed("day", now=healed + timedelta(minutes=5))["last_outcome"] == "ok"
+    assert feed_events("day") == ["feed.failed", "feed.recovered"]
+    with store.session_scope() as session:
+        recovered = (
+            session.execute(
+                select(Outbox).where(Outbox.booking_id == "feed:day").order_by(col(Outbox.id).desc())
+            )
+            .scalars()
+            .first()
+        )
+        assert recovered is not None
+        assert recovered.kwargs["feed"] == "day" and "1 occurrence(s)" in recovered.kwargs["detail"]
+
+    # Broken again later: a new run of failures, one new event.
+    calendars.put("/day.ics", "gone", status=404, ctype="text/plain")
+    for i in range(2, 5):
+        sync.sync_feed("day", now=healed + timedelta(minutes=5 * i))
+    assert feed_events("day") == ["feed.failed", "feed.recovered", "feed.failed"]
 
 
 def test_add_refuses_bad_input_and_stores_nothing(configured: str, calendars: CalendarServer) -> None:

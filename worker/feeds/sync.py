@@ -9,9 +9,10 @@ complete, successful read no longer holds (deleted, or cancelled) is cancelled (
 Nothing changes when the read fails (error, timeout, non-2xx), answers HTML or anything that is not
 a complete VCALENDAR, or suddenly loses most of its occurrences (more than `MASS_LOSS_MIN` and more
 than half of those booked in the horizon vanish at once, with the new count under half the old):
-the poll is recorded (`last_outcome` `failed` or `suspicious`, the feed's history, a log line) and
-the event `feed.failed` / `feed.suspicious` goes to the feed's notify, with `booking_id`
-`feed:{NAME}`. `feeds sync NAME --force` accepts such a loss. A sync that passes its deadline
+the poll is recorded (`last_outcome` `failed` or `suspicious`, the feed's history, a log line) and,
+when the feed was not in that state already, the event `feed.failed` / `feed.suspicious` goes to the
+feed's notify, with `booking_id` `feed:{NAME}`; the first ok poll after them sends `feed.recovered`.
+`feeds sync NAME --force` accepts such a loss. A sync that passes its deadline
 (ROOMKEEPER_FEED_SYNC_DEADLINE_SECONDS) changes nothing either, and is reported the same way; what
 the feed limits (`worker/feeds/limits.py`) leave out is booked never, and reported in the detail.
 """
@@ -66,8 +67,22 @@ def _claim(name: str, now: datetime) -> tuple[int, str] | None:
         return feed.id, token
 
 
+UNHEALTHY = ("failed", "suspicious")
+
+
+def feed_event(previous: str | None, outcome: str) -> str | None:
+    """The event a poll sends, from the outcome of the poll before it: `feed.failed` or
+    `feed.suspicious` when the feed enters that state, `feed.recovered` when an ok poll ends a
+    failed or suspicious run, nothing while the state holds."""
+    if outcome in UNHEALTHY:
+        return None if previous == outcome else f"feed.{outcome}"
+    if outcome == "ok" and previous in UNHEALTHY:
+        return "feed.recovered"
+    return None
+
+
 def _event(session: Any, feed: Feed, event: str, detail: str, now: datetime) -> None:
-    """`feed.failed` / `feed.suspicious` to the feed's notify, sent once this transaction commits."""
+    """A feed event to the feed's notify, sent once this transaction commits."""
     if not feed.notify:
         return
     kwargs = {
@@ -111,6 +126,10 @@ def _finish(
         feed = session.get(Feed, feed_id)
         if feed is None:  # removed while syncing
             return {"outcome": "removed"}
+        # Quiet while broken: the event goes once when the feed starts failing (or turns from failed
+        # to suspicious, or back), and `feed.recovered` once when a poll is ok again; the polls in
+        # between are recorded (history, log) but send nothing.
+        event = feed_event(feed.last_outcome, outcome)
         feed.last_poll_at = now
         feed.last_outcome = outcome
         feed.last_detail = detail
@@ -134,16 +153,18 @@ def _finish(
         feed.next_poll_at = max(
             feed.next_poll_at or now, now + timedelta(seconds=settings.feed_poll_interval_seconds)
         )
-        if outcome in ("failed", "suspicious"):
-            _event(session, feed, f"feed.{outcome}", detail, now)
+        if event is not None:
+            _event(session, feed, event, detail, now)
         result = registry.describe(feed)
-    if outcome in ("failed", "suspicious"):
+    if outcome in UNHEALTHY:
         log.warning("feed %s: %s, nothing changed: %s", result["name"], outcome, detail)
+    else:
+        log.info("feed %s: %s: %s", result["name"], outcome, detail)
+    if event is not None:
+        log.warning("feed %s: %s", result["name"], event)
         from worker import outbox
 
         outbox.flush_outbox()
-    else:
-        log.info("feed %s: %s: %s", result["name"], outcome, detail)
     return result
 
 
