@@ -28,11 +28,12 @@ from typing import Any
 
 import httpx
 from sqlalchemy import and_, exists, or_, update
+from sqlalchemy import event as sa_event
 from sqlalchemy.orm import aliased
 from sqlmodel import col, select
 
 from config.settings import Settings, get_settings
-from worker import journal, runtime
+from worker import journal, metrics, runtime
 from worker.app import app
 from worker.dispatch import dispatch_horizon
 from worker.models import DeliveryState, EventDelivery, utcnow
@@ -342,6 +343,7 @@ def _finish(
                 is not None
             )
             if done:
+                _count_after_commit(session, "delivered", (now - head.created_at).total_seconds())
                 journal.note(
                     session,
                     head.booking_id,
@@ -379,6 +381,7 @@ def _finish(
                 is not None
             )
             if given_up:
+                _count_after_commit(session, "undelivered")
                 journal.note(
                     session,
                     head.booking_id,
@@ -400,7 +403,7 @@ def _finish(
         # keeps the sweep off it); later retries wait in the store for beat's sweep.
         soon = retry_at <= dispatch_horizon(now, settings)
         retry_claim = uuid.uuid4().hex if soon else None
-        session.execute(
+        retrying = session.execute(
             update(EventDelivery)
             .where(mine)
             .values(
@@ -410,7 +413,10 @@ def _finish(
                 last_status=outcome.status,
                 last_error=outcome.error,
             )
-        )
+            .returning(col(EventDelivery.id))
+        ).first()
+        if retrying is not None:
+            _count_after_commit(session, "retrying")
         log.warning(
             "booking %s: delivering %s to %s failed (attempt %d: %s); next attempt at %s",
             head.booking_id,
@@ -421,6 +427,14 @@ def _finish(
             retry_at.isoformat(timespec="milliseconds"),
         )
         return False, (retry_at if soon else None), retry_claim or ""
+
+
+def _count_after_commit(session: Any, outcome: str, latency: float | None = None) -> None:
+    """Count the attempt for /metrics once its outcome is stored (in Redis: every web process
+    serves the same counters, and they stay monotonic when old delivery rows are pruned)."""
+    sa_event.listen(
+        session, "after_commit", lambda _session: metrics.observe_delivery(outcome, latency), once=True
+    )
 
 
 def send(booking_id: str, claim: str | None = None, eta: datetime | None = None) -> None:

@@ -13,7 +13,7 @@ import math
 import threading
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -35,7 +35,7 @@ from sqlmodel import col
 
 from config.settings import get_settings
 from worker import budget, runtime, store, whereby
-from worker.models import Meeting, MeetingState, Room, RoomState, utcnow
+from worker.models import EventDelivery, Meeting, MeetingState, Room, RoomState, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,15 @@ BUDGET_WINDOW_KEY = "roomkeeper:budget:window"
 BUDGET_PAUSED_KEY = "roomkeeper:budget:paused"
 # Deletions are due to the second; most land within a second, a 429 or an outage pushes them out.
 LAG_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0, math.inf)
+# Events to notify URLs (worker/delivery.py): each attempt's outcome, and how long after its event
+# each delivered one arrived. A receiver that was down waits out the backoff (capped at 5 minutes)
+# and the retry window (ROOMKEEPER_NOTIFY_RETRY_HOURS, at most a week): the buckets reach a day.
+DELIVERIES_KEY = "roomkeeper:metrics:event-deliveries"  # field per outcome -> count
+DELIVERY_LATENCY_KEY = "roomkeeper:metrics:event-delivery-latency"  # per bucket bound, "sum", "count"
+DELIVERY_OUTCOMES = ("delivered", "retrying", "undelivered")
+DELIVERY_BUCKETS = (
+    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 21600.0, 86400.0, math.inf
+)  # fmt: skip
 # How long a check or a scrape may wait for the database or Redis.
 TIMEOUT_SECONDS = 2.0
 
@@ -164,18 +173,37 @@ def record_calls(calls: Iterable[whereby.CallRecord]) -> None:
         log.debug("Whereby calls not counted: %s", type(exc).__name__)
 
 
+def _observe(pipe: Any, key: str, buckets: tuple[float, ...], seconds: float) -> None:
+    """Queue one histogram observation (its bucket, sum and count) on a pipeline."""
+    seconds = max(0.0, float(seconds))
+    bucket = next(b for b in buckets if seconds <= b)
+    pipe.hincrby(key, _bound(bucket), 1)
+    pipe.hincrbyfloat(key, "sum", seconds)
+    pipe.hincrby(key, "count", 1)
+
+
 def observe_deletion_lag(seconds: float) -> None:
     """Record how late a room's deletion was against its due instant (one round trip; never raises)."""
     try:
-        seconds = max(0.0, float(seconds))
-        bucket = next(b for b in LAG_BUCKETS if seconds <= b)
         pipe = _client().pipeline(transaction=True)
-        pipe.hincrby(LAG_KEY, _bound(bucket), 1)
-        pipe.hincrbyfloat(LAG_KEY, "sum", seconds)
-        pipe.hincrby(LAG_KEY, "count", 1)
+        _observe(pipe, LAG_KEY, LAG_BUCKETS, seconds)
         pipe.execute()
     except Exception as exc:
         log.debug("deletion lag not recorded: %s", type(exc).__name__)
+
+
+def observe_delivery(outcome: str, latency: float | None = None) -> None:
+    """Count one attempt to deliver an event to a notify URL by its outcome (delivered, retrying:
+    failed and tried again later, undelivered: given up) and, once delivered, how long after the
+    event it arrived. One round trip, after the attempt's transaction committed; never raises."""
+    try:
+        pipe = _client().pipeline(transaction=True)
+        pipe.hincrby(DELIVERIES_KEY, outcome, 1)
+        if latency is not None:
+            _observe(pipe, DELIVERY_LATENCY_KEY, DELIVERY_BUCKETS, latency)
+        pipe.execute()
+    except Exception as exc:
+        log.debug("event delivery not counted: %s", type(exc).__name__)
 
 
 # --------------------------------------------------------------------------------------------
@@ -244,6 +272,8 @@ class StoreFigures:
     rooms_live: int
     rooms_overrunning: int
     oldest_overdue: float
+    events_pending: int = 0
+    oldest_undelivered: float = 0.0
 
 
 @dataclass
@@ -252,6 +282,8 @@ class RedisFigures:
     lag: dict[str, float]
     points_spent: int
     paused_ms: int
+    deliveries: dict[str, int] = field(default_factory=dict)
+    delivery_latency: dict[str, float] = field(default_factory=dict)
 
 
 def read_store(now: datetime | None = None) -> StoreFigures:
@@ -271,9 +303,16 @@ def read_store(now: datetime | None = None) -> StoreFigures:
                 func.min(case((col(Room.due_at) < now, col(Room.due_at)))),
             ).where(live)
         ).one()
+        # Events still waiting for their notify URL: the pending rows only, a partial index's worth.
+        pending, oldest_event = connection.execute(
+            select(func.count(), func.min(col(EventDelivery.created_at))).where(
+                col(EventDelivery.pending).is_(True)
+            )
+        ).one()
     oldest_due: datetime | None = row[2]
     overdue = max(0.0, (now - oldest_due).total_seconds()) if oldest_due is not None else 0.0
-    return StoreFigures(meetings, int(row[0]), int(row[1]), overdue)
+    waited = max(0.0, (now - oldest_event).total_seconds()) if oldest_event is not None else 0.0
+    return StoreFigures(meetings, int(row[0]), int(row[1]), overdue, int(pending), waited)
 
 
 def read_redis() -> RedisFigures:
@@ -284,13 +323,17 @@ def read_redis() -> RedisFigures:
     pipe.hgetall(CALLS_KEY)
     pipe.hgetall(LAG_KEY)
     script(keys=[BUDGET_WINDOW_KEY, BUDGET_PAUSED_KEY], args=[budget.WINDOW_MS], client=pipe)
-    raw_calls, raw_lag, (spent, paused_ms) = pipe.execute()
+    pipe.hgetall(DELIVERIES_KEY)
+    pipe.hgetall(DELIVERY_LATENCY_KEY)
+    raw_calls, raw_lag, (spent, paused_ms), raw_deliveries, raw_latency = pipe.execute()
     calls: dict[tuple[str, str], int] = {}
-    for field, value in raw_calls.items():
-        op, _, status = field.decode().partition("|")
+    for name, value in raw_calls.items():
+        op, _, status = name.decode().partition("|")
         calls[(op, status)] = int(value)
-    lag = {field.decode(): float(value) for field, value in raw_lag.items()}
-    return RedisFigures(calls, lag, int(spent), int(paused_ms))
+    lag = {name.decode(): float(value) for name, value in raw_lag.items()}
+    deliveries = {name.decode(): int(value) for name, value in raw_deliveries.items()}
+    latency = {name.decode(): float(value) for name, value in raw_latency.items()}
+    return RedisFigures(calls, lag, int(spent), int(paused_ms), deliveries, latency)
 
 
 class RoomkeeperCollector(Collector):
@@ -339,6 +382,16 @@ class RoomkeeperCollector(Collector):
             "How long the live room most overdue for deletion has been due (0 when none is)",
             value=figures.oldest_overdue,
         )
+        yield GaugeMetricFamily(
+            "roomkeeper_events_pending",
+            "Events to notify URLs not yet delivered nor given up",
+            value=figures.events_pending,
+        )
+        yield GaugeMetricFamily(
+            "roomkeeper_oldest_undelivered_event_seconds",
+            "Age of the oldest event to a notify URL not yet delivered nor given up (0 when none waits)",
+            value=figures.oldest_undelivered,
+        )
 
     @staticmethod
     def _redis_metrics(counters: RedisFigures) -> Iterator[Metric]:
@@ -362,13 +415,35 @@ class RoomkeeperCollector(Collector):
         for (op, status), count in sorted(counters.calls.items()):
             calls.add_metric([op, status], count)
         yield calls
-        cumulative, buckets = 0.0, []
-        for bound in LAG_BUCKETS:
-            cumulative += counters.lag.get(_bound(bound), 0.0)
-            buckets.append((_bound(bound), cumulative))
-        yield HistogramMetricFamily(
+        yield _histogram(
             "roomkeeper_deletion_lag_seconds",
             "How long after its due instant each room was deleted",
-            buckets=buckets,
-            sum_value=counters.lag.get("sum", 0.0),
+            LAG_BUCKETS,
+            counters.lag,
         )
+        deliveries = CounterMetricFamily(
+            "roomkeeper_event_deliveries",
+            "Attempts to deliver events to notify URLs by outcome: delivered, retrying (failed, tried "
+            "again later), undelivered (given up)",
+            labels=["outcome"],
+        )
+        for name in DELIVERY_OUTCOMES:  # every outcome listed, zeros included
+            deliveries.add_metric([name], counters.deliveries.get(name, 0))
+        yield deliveries
+        yield _histogram(
+            "roomkeeper_event_delivery_latency_seconds",
+            "How long after its event each delivered event was answered 2xx by its notify URL",
+            DELIVERY_BUCKETS,
+            counters.delivery_latency,
+        )
+
+
+def _histogram(
+    name: str, documentation: str, bounds: tuple[float, ...], recorded: dict[str, float]
+) -> HistogramMetricFamily:
+    """A histogram from a Redis hash of per-bucket counts and "sum" (see _observe)."""
+    cumulative, buckets = 0.0, []
+    for bound in bounds:
+        cumulative += recorded.get(_bound(bound), 0.0)
+        buckets.append((_bound(bound), cumulative))
+    return HistogramMetricFamily(name, documentation, buckets=buckets, sum_value=recorded.get("sum", 0.0))
