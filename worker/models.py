@@ -58,6 +58,9 @@ class RoomState(enum.StrEnum):
 
 class Meeting(SQLModel, table=True):
     __tablename__ = "meeting"
+    # Retention (worker/retention.py) finds the finished meetings whose end is long past by a range
+    # scan of this index, one state at a time, however many meetings are stored.
+    __table_args__ = (Index("ix_meeting_state_end", "state", "end"),)
 
     id: int | None = Field(default=None, primary_key=True)
     booking_id: str = Field(sa_column=Column(String(200), nullable=False, unique=True))
@@ -129,6 +132,7 @@ class WebhookEvent(SQLModel, table=True):
             sqlite_where=text("applied_at IS NULL"),
             postgresql_where=text("applied_at IS NULL"),
         ),
+        Index("ix_webhook_event_received_at", "received_at"),  # retention: the oldest first
     )
 
     id: int | None = Field(default=None, primary_key=True)
@@ -176,6 +180,9 @@ class Outbox(SQLModel, table=True):
             sqlite_where=text(UNSENT["sqlite"]),
             postgresql_where=text(UNSENT["postgresql"]),
         ),
+        # Retention: a pruned booking's rows, and the rows sent long ago.
+        Index("ix_outbox_booking_id", "booking_id"),
+        Index("ix_outbox_sent_at", "sent_at"),
     )
 
     id: int | None = Field(default=None, primary_key=True)
@@ -240,6 +247,9 @@ class EventDelivery(SQLModel, table=True):
             sqlite_where=text(UNSENT["sqlite"]),
             postgresql_where=text(UNSENT["postgresql"]),
         ),
+        # Retention: a pruned booking's rows, and the finished rows by state and age.
+        Index("ix_event_delivery_booking_id", "booking_id"),
+        Index("ix_event_delivery_finished", "state", "finished_at"),
     )
 
     id: int | None = Field(default=None, primary_key=True)
