@@ -159,6 +159,35 @@ def test_a_message_held_by_a_live_worker_is_never_resent_however_late(sent: list
     assert sorted(creations(sent)) == sorted(held)
 
 
+def test_a_message_not_yet_received_is_not_resent_while_the_broker_still_holds_messages(
+    sent: list[Sent],
+) -> None:
+    """Workers far behind: messages wait in the broker to be received, and nothing renews their
+    rows' leases yet. Those rows are not sent again until the broker's queue is empty; a row
+    whose run died is sent again at once."""
+    pks = store_meetings("unreceived", 4, due_in=-1)
+    assert dispatch.dispatch_due()["create"] == 4
+    died, unreceived = pks[:2], pks[2:]
+    with session_scope() as session:
+        session.execute(
+            update(Meeting).where(col(Meeting.id).in_(died)).values(claim_token=claims.RUN_CLAIM + "dead")
+        )
+    lapse(pks)
+    with app.connection_for_write() as connection:
+        waiting = connection.SimpleQueue("rooms")
+        try:
+            waiting.put({"a message": "no worker has received yet"})
+            sent.clear()
+            assert dispatch.dispatch_due(overdue_only=True)["create"] == 2
+            assert sorted(creations(sent)) == sorted(died)
+        finally:
+            waiting.clear()
+            waiting.close()
+    sent.clear()
+    assert dispatch.dispatch_due(overdue_only=True)["create"] == 2  # the queue is empty now
+    assert sorted(creations(sent)) == sorted(unreceived)
+
+
 def test_a_late_copy_does_the_work_if_nobody_started_it_and_nothing_if_somebody_did(
     sent: list[Sent], sandbox: SandboxAdmin
 ) -> None:

@@ -24,7 +24,7 @@ from sqlmodel import Session, col, select
 
 from config.settings import Settings, get_settings
 from worker.app import app
-from worker.claims import DISPATCH_CLAIM, RESEND_CLAIM, M
+from worker.claims import DISPATCH_CLAIM, RESEND_CLAIM, RUN_CLAIM, M
 from worker.models import Meeting, Room, utcnow
 from worker.store import session_scope
 
@@ -40,6 +40,12 @@ RESEND_WAIT_MAX = timedelta(minutes=5)
 # (Two beats are safe too: a claim is a conditional UPDATE, so a row goes to one of them.)
 _pass_lock = threading.Lock()
 PASS_WAIT_SECONDS = 30.0
+# Rows claimed and sent per round: a claim's lease starts when it is taken, so a round is sent
+# within a second of it even when thousands are due at once.
+CHUNK = 500
+# Creations are sent at the broker's lowest priority (Redis: 0 is taken first, 9 last): under a
+# backlog a worker receives deletions and callers' requests before the creations ahead of them.
+CREATE_PRIORITY = 9
 
 
 @dataclass(frozen=True)
@@ -68,10 +74,23 @@ def claim_due(
     ids: set[int] | None,
     limit: int,
     lease: timedelta,
+    broker_idle: bool = True,
 ) -> list[Claimed]:
     """Claim the rows due before `horizon` that nothing holds, soonest first: rows never sent get
-    a dispatch claim, rows whose holder died (or whose message was lost) a resend claim."""
+    a dispatch claim, rows whose holder died (or whose message was lost) a resend claim.
+
+    `broker_idle`: no message waits in the broker to be received. Until then a row whose message
+    nobody has renewed may simply not have been received yet (workers far behind), so only rows
+    whose run died are sent again."""
     due = and_(col(model.due_at).is_not(None), col(model.due_at) <= horizon, unheld(model, now))
+    if not broker_idle:
+        due = and_(
+            due,
+            or_(
+                col(model.claim_token).is_(None),
+                col(model.claim_token).startswith(RUN_CLAIM),
+            ),
+        )
     candidates = select(model.id, model.claim_token).where(due)
     if ids is not None:
         candidates = candidates.where(col(model.id).in_(ids))
@@ -135,7 +154,7 @@ def _back_off_resends(
 def dispatch_due(
     meeting_ids: set[int] | None = None,
     room_ids: set[int] | None = None,
-    limit: int = 2000,
+    limit: int = CHUNK,
     overdue_only: bool = False,
 ) -> dict[str, int]:
     """Claim due creations and deletions and send each with an ETA at its due instant, deletions
@@ -170,16 +189,18 @@ def _dispatch(
     lease = timedelta(seconds=settings.claim_lease_seconds)
     counts = {"create": 0, "delete": 0}
     only_some = meeting_ids is not None or room_ids is not None
+    idle = broker_idle(settings.queue)
     while True:
         with session_scope() as session:
             deletions: list[Claimed] = []
             if not only_some or room_ids:
-                deletions = claim_due(session, Room, now, horizon, room_ids, limit, lease)
+                deletions = claim_due(session, Room, now, horizon, room_ids, limit, lease, idle)
+        _send(DELETE_TASK, "room_pk", deletions, now, settings)
+        with session_scope() as session:
             creations: list[Claimed] = []
             if not only_some or meeting_ids:
-                creations = claim_due(session, Meeting, now, horizon, meeting_ids, limit, lease)
-        _send(DELETE_TASK, "room_pk", deletions, now, settings)
-        _send(CREATE_TASK, "meeting_pk", creations, now, settings)
+                creations = claim_due(session, Meeting, now, horizon, meeting_ids, limit, lease, idle)
+        _send(CREATE_TASK, "meeting_pk", creations, now, settings, priority=CREATE_PRIORITY)
         counts["create"] += len(creations)
         counts["delete"] += len(deletions)
         if len(creations) < limit and len(deletions) < limit:
@@ -194,14 +215,38 @@ def _dispatch(
     return counts
 
 
-def _send(task: str, kwarg: str, rows: Sequence[Claimed], now: datetime, settings: Settings) -> None:
-    for row in rows:
-        # Nobody waits on these results: the message says so, or it would override the task's
-        # own ignore_result and cost three result-backend round trips a task.
-        app.send_task(
-            task,
-            kwargs={kwarg: row.pk, "claim": row.claim, "booking_id": row.booking_id},
-            queue=settings.queue,
-            eta=max(row.due_at, now),
-            ignore_result=True,
-        )
+def broker_idle(queue: str) -> bool:
+    """Whether no message waits in the broker's queue to be received by a worker (False when the
+    broker does not answer: then nothing is known to be lost)."""
+    try:
+        with app.connection_for_read() as connection:
+            try:
+                declared = connection.default_channel.queue_declare(queue=queue, passive=True)
+            except connection.channel_errors:  # never declared: no message was ever sent to it
+                return True
+            waiting: int = declared.message_count
+    except Exception:
+        log.warning("could not read the broker's queue %s; nothing is sent again this pass", queue)
+        return False
+    return waiting == 0
+
+
+def _send(
+    task: str, kwarg: str, rows: Sequence[Claimed], now: datetime, settings: Settings, priority: int = 0
+) -> None:
+    if not rows:
+        return
+    # One producer for the whole round, not one from the pool per message.
+    with app.producer_or_acquire() as producer:
+        for row in rows:
+            # Nobody waits on these results: the message says so, or it would override the task's
+            # own ignore_result and cost three result-backend round trips a task.
+            app.send_task(
+                task,
+                kwargs={kwarg: row.pk, "claim": row.claim, "booking_id": row.booking_id},
+                queue=settings.queue,
+                eta=max(row.due_at, now),
+                ignore_result=True,
+                priority=priority,
+                producer=producer,
+            )
