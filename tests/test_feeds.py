@@ -40,6 +40,7 @@ class CalendarServer:
         self.downloads = 0
         self.not_modified = 0
         self.redirects: dict[str, str] = {}  # path -> Location
+        self.headers: dict[str, str] = {}  # sent with every 200 and 304 (Cache-Control)
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -57,6 +58,8 @@ class CalendarServer:
                     server.not_modified += 1
                     self.send_response(304)
                     self.send_header("ETag", etag)
+                    for name, value in server.headers.items():
+                        self.send_header(name, value)
                     self.end_headers()
                     return
                 if status == 200:
@@ -65,6 +68,8 @@ class CalendarServer:
                 self.send_header("Content-Type", ctype)
                 self.send_header("Content-Length", str(len(data)))
                 self.send_header("ETag", etag)
+                for name, value in server.headers.items() if status == 200 else ():
+                    self.send_header(name, value)
                 self.end_headers()
                 self.wfile.write(data)
 
@@ -445,6 +450,38 @@ def test_a_feed_broken_for_a_day_sends_one_failed_and_one_recovered(
     for i in range(2, 5):
         sync.sync_feed("day", now=healed + timedelta(minutes=5 * i))
     assert feed_events("day") == ["feed.failed", "feed.recovered", "feed.failed"]
+
+
+@pytest.mark.parametrize(
+    ("cache_control", "wait"),
+    [
+        (None, 300),  # no header: the feed's interval (ROOMKEEPER_FEED_POLL_INTERVAL_SECONDS)
+        ("max-age=1800", 1800),  # not read again before it expires
+        ("public, max-age=60", 300),  # never sooner than the interval
+        ("max-age=604800", sync.MAX_AGE_CAP_SECONDS),  # a week: capped, the horizon must move on
+        ("no-cache, max-age=1800", 300),
+        ("no-store", 300),
+        ("max-age=soon", 300),
+    ],
+)
+def test_ics_cache_control_max_age_delays_the_next_poll(
+    configured: str, calendars: CalendarServer, cache_control: str | None, wait: int
+) -> None:
+    url = calendars.put("/cc.ics", vcalendar(vevent("cc@x", base())))
+    if cache_control is not None:
+        calendars.headers["Cache-Control"] = cache_control
+    registry.add_feed(registry.FeedSpec(name="cc", url=url))
+    sent: list[str] = []
+    assert sync.poll_due(sent.append) == ["cc"]  # beat moves it one interval on, and sends it
+    for read in ("downloaded", "not modified (304)"):  # a 304 renews the freshness too
+        now = datetime.now(UTC)
+        result = sync.sync_feed("cc", now=now)
+        assert result["last_outcome"] == "ok" and read in result["last_detail"], result
+        next_poll = feed_row("cc").next_poll_at
+        assert next_poll is not None
+        assert abs((next_poll - now).total_seconds() - wait) < 1, (cache_control, next_poll - now)
+    assert sync.poll_due(sent.append) == []  # not due before then
+    assert calendars.downloads == 1 and calendars.not_modified == 1
 
 
 def test_add_refuses_bad_input_and_stores_nothing(configured: str, calendars: CalendarServer) -> None:

@@ -1,4 +1,4 @@
-"""Reading a feed: an ICS URL with a conditional GET, or a CalDAV calendar with one REPORT.
+"""Reading a feed: an ICS URL with a conditional GET, or a CalDAV calendar (worker/feeds/caldav.py).
 
 Both go through `worker.outbound.request`, the same rules as every outbound request: each hop
 checked (redirects followed by hand, each target checked), the connection made to the address that
@@ -12,12 +12,12 @@ from __future__ import annotations
 import logging
 import os
 import time
-import xml.etree.ElementTree as ElementTree
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from config.settings import Settings
-from worker.feeds import limits
-from worker.outbound import OutboundFailed, OutboundRefused, request
+from worker.feeds import caldav, limits
+from worker.outbound import Answer, OutboundFailed, OutboundRefused, request
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +32,13 @@ class FetchError(RuntimeError):
 
 @dataclass(frozen=True)
 class Fetched:
-    text: str | None  # None: 304, the stored body still holds
-    etag: str | None = None
+    text: str | None  # the calendar; None: 304, the stored body still holds
+    etag: str | None = None  # ICS: the ETag; CalDAV: the collection's version (caldav.py)
     last_modified: str | None = None
+    keep: str | None = None  # the body to store when it is not `text` (a CalDAV calendar's resources)
+    modified: bool = True  # False: the source says nothing changed (304, same ctag or sync-token)
+    how: str = "downloaded"  # how it was read, for the poll's detail
+    max_age: int | None = None  # ICS: Cache-Control max-age, seconds (None: none, or no-cache/no-store)
 
 
 def _deadline(deadline: float | None) -> float:
@@ -79,7 +83,9 @@ def fetch_ics(
     except OutboundFailed as exc:
         raise FetchError(f"the feed could not be read: {exc}") from None
     if answer.status == 304 and (etag or last_modified):
-        return Fetched(None, etag, last_modified)
+        return Fetched(
+            None, etag, last_modified, modified=False, how="not modified (304)", max_age=max_age(answer)
+        )
     if not 200 <= answer.status < 300:
         raise FetchError(f"the feed answered HTTP {answer.status}")
     ctype = answer.headers.get("content-type", "").lower()
@@ -90,7 +96,21 @@ def fetch_ics(
         answer.body.decode(encoding, errors="replace"),
         answer.headers.get("etag"),
         answer.headers.get("last-modified"),
+        max_age=max_age(answer),
     )
+
+
+def max_age(answer: Answer) -> int | None:
+    """The answer's Cache-Control max-age in seconds; None without one, or with no-cache / no-store
+    (which ask for the normal interval)."""
+    directives = {}
+    for part in answer.headers.get_list("cache-control", split_commas=True):
+        key, _, value = part.strip().partition("=")
+        directives[key.strip().lower()] = value.strip().strip('"')
+    if "no-cache" in directives or "no-store" in directives:
+        return None
+    value = directives.get("max-age", "")
+    return int(value) if value.isdigit() else None
 
 
 def _charset(ctype: str) -> str:
@@ -105,16 +125,6 @@ def _charset(ctype: str) -> str:
     return "utf-8"
 
 
-# The CalDAV query for every event of the calendar (RFC 4791 §7.8): one REPORT, Depth 1.
-_REPORT = b"""<?xml version="1.0" encoding="utf-8" ?>
-<C:calendar-query xmlns:D="DAV:" xmlns:C="urn:ietf:params:xml:ns:caldav">
-  <D:prop><C:calendar-data/></D:prop>
-  <C:filter><C:comp-filter name="VCALENDAR"><C:comp-filter name="VEVENT"/></C:comp-filter></C:filter>
-</C:calendar-query>
-"""
-_CALENDAR_DATA = "{urn:ietf:params:xml:ns:caldav}calendar-data"
-
-
 def fetch_caldav(
     url: str,
     settings: Settings,
@@ -123,10 +133,11 @@ def fetch_caldav(
     password: str | None = None,
     *,
     deadline: float | None = None,
+    version: str | None = None,
+    body: str | None = None,
 ) -> Fetched:
-    """All events of the CalDAV calendar at `url`, as one VCALENDAR text."""
-    import icalendar
-
+    """The events of the CalDAV calendar at `url`, as one VCALENDAR text, read only as far as it
+    changed since the read that kept `version` and `body` (worker/feeds/caldav.py)."""
     if password_env:
         password = os.environ.get(password_env)
         if password is None:
@@ -136,47 +147,44 @@ def fetch_caldav(
             raise FetchError("the CalDAV credentials are not available (see the service's log)")
     auth = (username, password) if username is not None and password is not None else None
     try:
-        answer = request(
-            "REPORT",
-            url,
-            settings,
-            deadline=_deadline(deadline),
-            max_bytes=MAX_BYTES,
-            headers={"Depth": "1", "Content-Type": "application/xml; charset=utf-8"},
-            content=_REPORT,
-            auth=auth,
-            redirects=MAX_REDIRECTS,
-        )
-    except OutboundRefused as exc:
-        raise _refused(exc) from None
-    except OutboundFailed as exc:
-        raise FetchError(f"the CalDAV calendar could not be read: {exc}") from None
-    if answer.status in (401, 403):
-        raise FetchError(f"the CalDAV server refused the credentials (HTTP {answer.status})")
-    if answer.status != 207:
-        raise FetchError(f"the CalDAV calendar answered HTTP {answer.status}, not 207 Multi-Status")
-    try:
-        # The standard library's parser expands no external entity and refuses entity bombs
-        # (expat >= 2.4.1); the body is already bounded.
-        root = ElementTree.fromstring(answer.body)
-    except ElementTree.ParseError:
-        raise FetchError("the CalDAV calendar answered XML that does not parse") from None
+        got = caldav.read(url, settings, auth, deadline=_deadline(deadline), version=version, body=body)
+    except caldav.CalDAVError as exc:
+        raise FetchError(str(exc)) from None
+    text = merge(got.resources.values())
+    if len(text) > MAX_BYTES:
+        raise FetchError(f"the CalDAV calendar is larger than {MAX_BYTES} bytes")
+    return Fetched(
+        text,
+        got.version,
+        keep=caldav.dump(got.resources) if got.modified else None,
+        modified=got.modified,
+        how=got.how,
+    )
+
+
+def merge(resources: Iterable[str]) -> str:
+    """One VCALENDAR of the events of every resource (each zone once; to-dos and journals left out)."""
+    import icalendar
+
     merged = icalendar.Calendar()
     merged.add("PRODID", "-//roomkeeper//feeds//EN")
     merged.add("VERSION", "2.0")
     seen_zones: set[str] = set()
-    for element in root.iter(_CALENDAR_DATA):
-        if not element.text or not element.text.strip():
-            continue
+    for resource in resources:
         try:
-            parsed = icalendar.Calendar.from_ical(element.text)
+            parsed = icalendar.Calendar.from_ical(resource)
         except Exception:  # icalendar raises ValueError and others on malformed input
             raise FetchError("the CalDAV calendar holds an event that does not parse") from None
-        for component in parsed.subcomponents:
+        components = list(parsed.subcomponents)
+        if not any(component.name == "VEVENT" for component in components):
+            continue
+        for component in components:
             if component.name == "VTIMEZONE":
                 tzid = str(component.get("TZID"))
                 if tzid in seen_zones:
                     continue
                 seen_zones.add(tzid)
+            elif component.name != "VEVENT":
+                continue
             merged.add_component(component)
-    return Fetched(merged.to_ical().decode())
+    return merged.to_ical().decode()

@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 
 CLAIM_LEASE_SECONDS = 300
 MASS_LOSS_MIN = 3
+# The longest an ICS feed's Cache-Control max-age delays its next poll: the horizon must move on.
+MAX_AGE_CAP_SECONDS = 3600
 
 
 # ---------------------------------------------------------------------------------------------
@@ -137,22 +139,25 @@ def _finish(
             feed.last_changes = changes
         if count is not None:
             feed.occurrence_count = count
+        wait = settings.feed_poll_interval_seconds
         if fetched is not None:
-            if fetched.text is None:
-                feed.not_modified += 1
-            else:
+            if fetched.modified:
                 feed.downloads += 1
-                feed.body = fetched.text
+                feed.body = fetched.keep if fetched.keep is not None else fetched.text
                 feed.etag = fetched.etag
                 feed.last_modified = fetched.last_modified
+            else:
+                feed.not_modified += 1
+            # Cache-Control: max-age: the source asks not to be read again before then. Never
+            # sooner than the interval, and never later than MAX_AGE_CAP_SECONDS.
+            if fetched.max_age is not None:
+                wait = max(wait, min(fetched.max_age, MAX_AGE_CAP_SECONDS))
         entry = {"at": fmt(now), "outcome": outcome, "detail": detail, "changes": changes}
         feed.history = [*(feed.history or []), entry][-registry.HISTORY_KEEP :]
         if feed.claim_token == token:
             feed.claim_token = None
             feed.claim_until = None
-        feed.next_poll_at = max(
-            feed.next_poll_at or now, now + timedelta(seconds=settings.feed_poll_interval_seconds)
-        )
+        feed.next_poll_at = max(feed.next_poll_at or now, now + timedelta(seconds=wait))
         if event is not None:
             _event(session, feed, event, detail, now)
         result = registry.describe(feed)
@@ -219,6 +224,8 @@ def _sync(feed_id: int, token: str, now: datetime, force: bool) -> dict[str, Any
                 password_env,
                 registry.password_of(password_enc),
                 deadline=deadline.at,
+                version=etag,
+                body=body,
             )
         else:
             fetched = source.fetch_ics(
@@ -305,7 +312,9 @@ def _sync(feed_id: int, token: str, now: datetime, force: bool) -> dict[str, Any
         session.execute(delete(FeedOccurrence).where(col(FeedOccurrence.feed_id) == feed_id))
         for bid, (start, end) in keep.items():
             session.add(FeedOccurrence(feed_id=feed_id, booking_id=bid, start=start, end=end))
-    read = "not modified (304), re-expanded" if fetched.text is None else "downloaded"
+    read = fetched.how if fetched.modified else f"{fetched.how}, re-expanded"
+    if fetched.max_age is not None:
+        read += f", fresh for {fetched.max_age} s (Cache-Control)"
     detail = (
         f"{read}; {len(wanted)} occurrence(s) in the horizon: {changes['booked']} booked, "
         f"{changes['rescheduled']} rescheduled, {changes['cancelled']} cancelled, {len(ended)} ended"
