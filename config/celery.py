@@ -81,4 +81,6 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
         "deliver-due-events": entry("rooms.dispatch_deliveries", settings.dispatch_interval_seconds),
         # Calendar feeds: the pass finds the feeds due and sends one `feeds.sync` task for each.
         "poll-feeds": entry("feeds.poll_due", min(30.0, settings.feed_poll_interval_seconds), at_start=True),
+        # Retention: finished bookings and long-delivered events, pruned in short batches.
+        "prune-old-rows": entry("rooms.prune", settings.prune_interval_seconds),
     }

@@ -81,6 +81,12 @@ class Settings(BaseSettings):
     # (changing nothing): bounds in every pool and in the web process.
     feed_max_count: int = Field(default=100, ge=1, le=100_000)
     feed_sync_deadline_seconds: float = Field(default=20, ge=1, le=600)
+    # Retention (worker/retention.py): finished bookings whose end is older than this many days go,
+    # with everything recorded about them; delivered events (outbox and event_delivery rows) after
+    # the second. 0 keeps them forever. Beat prunes every prune_interval_seconds.
+    retention_days: int = Field(default=90, ge=0, le=36_500)
+    delivered_retention_days: int = Field(default=30, ge=0, le=36_500)
+    prune_interval_seconds: float = Field(default=600, gt=0, le=86_400)
 
     @field_validator(
         "whereby_api_key",

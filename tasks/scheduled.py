@@ -1,10 +1,10 @@
-"""The beat jobs: the due-work dispatcher, its recovery pass, and the reconciler."""
+"""The beat jobs: the due-work dispatcher, its recovery pass, the reconciler, and retention."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from worker import dispatch, occupancy, outbox
+from worker import dispatch, occupancy, outbox, retention
 from worker import reconcile as reconciler
 from worker.app import app
 
@@ -29,3 +29,9 @@ def reconcile() -> dict[str, int]:
 @app.task(name="rooms.sweep_webhooks")
 def sweep_webhooks() -> int:
     return occupancy.sweep()
+
+
+@app.task(name="rooms.prune")
+def prune() -> dict[str, int]:
+    """Rows past retention removed, per table (worker/retention.py)."""
+    return dict(retention.prune().removed)

@@ -183,6 +183,10 @@ def test_result_backend_follows_the_broker_unless_set(
         ("FLOWER_BASIC_AUTH", "admin:", "user:password"),
         ("WHEREBY_API_URL", "ftp://api.whereby.dev/v1", "http"),
         ("WHEREBY_API_URL", "api.whereby.dev/v1", "http"),
+        ("ROOMKEEPER_RETENTION_DAYS", "-1", "greater than or equal to 0"),
+        ("ROOMKEEPER_RETENTION_DAYS", "ninety", "integer"),
+        ("ROOMKEEPER_DELIVERED_RETENTION_DAYS", "1.5", "integer"),
+        ("ROOMKEEPER_PRUNE_INTERVAL_SECONDS", "0", "greater than 0"),
     ],
 )
 def test_invalid_value_stops_start_naming_the_variable(
@@ -411,6 +415,7 @@ def test_beat_schedule_defaults(sandbox_env: None) -> None:
         "rooms.sweep_webhooks": 2,
         "rooms.dispatch_deliveries": 15,
         "feeds.poll_due": 30,
+        "rooms.prune": 600,
     }
 
 
@@ -418,6 +423,7 @@ def test_beat_schedule_follows_the_intervals(monkeypatch: pytest.MonkeyPatch, sa
     monkeypatch.setenv("ROOMKEEPER_DISPATCH_INTERVAL_SECONDS", "7")
     monkeypatch.setenv("ROOMKEEPER_RECONCILE_INTERVAL_SECONDS", "120")
     monkeypatch.setenv("ROOMKEEPER_RECOVER_INTERVAL_SECONDS", "1.5")
+    monkeypatch.setenv("ROOMKEEPER_PRUNE_INTERVAL_SECONDS", "60")
     settings = load_settings()
     assert _schedule_by_task(settings) == {
         "rooms.dispatch_due": 7,
@@ -426,5 +432,6 @@ def test_beat_schedule_follows_the_intervals(monkeypatch: pytest.MonkeyPatch, sa
         "rooms.sweep_webhooks": 1.5,
         "rooms.dispatch_deliveries": 7,
         "feeds.poll_due": 30,
+        "rooms.prune": 60,
     }
     assert celery_config(settings)["beat_schedule"] == beat_schedule(settings)

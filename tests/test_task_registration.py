@@ -22,6 +22,7 @@ EXPECTED_TASKS = {
     "rooms.schedule_meetings",
     "rooms.deliver_events",
     "rooms.dispatch_deliveries",
+    "rooms.prune",
     "feeds.poll_due",
     "feeds.sync",
 }
@@ -44,6 +45,7 @@ def test_beat_runs_registered_tasks_in_its_own_process() -> None:
         "rooms.reconcile",
         "rooms.sweep_webhooks",
         "rooms.dispatch_deliveries",
+        "rooms.prune",
         "feeds.poll_due",
     }
     assert scheduled <= set(app.tasks)

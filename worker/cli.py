@@ -268,6 +268,36 @@ def retry(
     console.print(f"retried {len(retried)}: {escape(', '.join(retried)) or '-'}")
 
 
+@cli.command()
+def prune(
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="say what would be removed, per table; remove nothing")
+    ] = False,
+) -> None:
+    """Remove now what is past retention (ROOMKEEPER_RETENTION_DAYS, ROOMKEEPER_DELIVERED_RETENTION_DAYS)."""
+    from worker import retention
+
+    settings = get_settings()
+    cut = retention.cutoffs(datetime.now(UTC), settings)
+    console.print(
+        f"finished bookings that ended before: {fmt(cut.bookings) if cut.bookings else 'kept (0 days)'}; "
+        f"delivered events before: {fmt(cut.delivered) if cut.delivered else 'kept (0 days)'}",
+        soft_wrap=True,
+    )
+    if dry_run:
+        counts = retention.preview()
+        title = "would be removed (dry run: nothing was)"
+    else:
+        _logging()
+        counts = {table: 0 for table in retention.TABLES} | dict(retention.prune().removed)
+        title = "removed"
+    table = Table("table", "rows")
+    for name in retention.TABLES:
+        table.add_row(name, str(counts.get(name, 0)))
+    console.print(title)
+    console.print(table)
+
+
 cli.add_typer(tokens_cli, name="tokens")
 cli.add_typer(feeds_cli, name="feeds")
 

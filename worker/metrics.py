@@ -14,7 +14,7 @@ import threading
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -35,7 +35,15 @@ from sqlmodel import col
 
 from config.settings import get_settings
 from worker import budget, runtime, store, whereby
-from worker.models import EventDelivery, Meeting, MeetingState, Room, RoomState, utcnow
+from worker.models import (
+    TERMINAL_STATES,
+    EventDelivery,
+    Meeting,
+    MeetingState,
+    Room,
+    RoomState,
+    utcnow,
+)
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +60,14 @@ LAG_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0, mat
 DELIVERIES_KEY = "roomkeeper:metrics:event-deliveries"  # field per outcome -> count
 DELIVERY_LATENCY_KEY = "roomkeeper:metrics:event-delivery-latency"  # per bucket bound, "sum", "count"
 DELIVERY_OUTCOMES = ("delivered", "retrying", "undelivered")
+# Retention (worker/retention.py): rows removed per table ("removed|TABLE", added batch by batch,
+# so a long run shows its progress) and the last complete run ("last_finished" as a Unix time,
+# "last_seconds", "last_removed").
+PRUNE_KEY = "roomkeeper:metrics:prune"
+PRUNED_TABLES = ("meeting", "room", "history", "outbox", "event_delivery", "webhook_event")
+# Counting the bookings waiting to be pruned stops here: the figure's cost stays bounded when a
+# large store is first pruned (it is then reported as at least this).
+PRUNE_BACKLOG_CAP = 100_000
 DELIVERY_BUCKETS = (
     0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 21600.0, 86400.0, math.inf
 )  # fmt: skip
@@ -206,6 +222,27 @@ def observe_delivery(outcome: str, latency: float | None = None) -> None:
         log.debug("event delivery not counted: %s", type(exc).__name__)
 
 
+def record_pruned(removed: dict[str, int]) -> None:
+    """Add one prune batch's rows removed, per table (one round trip; never raises)."""
+    try:
+        pipe = _client().pipeline(transaction=True)
+        for table, count in removed.items():
+            pipe.hincrby(PRUNE_KEY, f"removed|{table}", count)
+        pipe.execute()
+    except Exception as exc:
+        log.debug("pruned rows not counted: %s", type(exc).__name__)
+
+
+def record_prune_run(finished: float, seconds: float, removed: int) -> None:
+    """Note a complete prune run: when it finished (Unix time), how long it took, rows removed."""
+    try:
+        _client().hset(
+            PRUNE_KEY, mapping={"last_finished": finished, "last_seconds": seconds, "last_removed": removed}
+        )
+    except Exception as exc:
+        log.debug("prune run not recorded: %s", type(exc).__name__)
+
+
 # --------------------------------------------------------------------------------------------
 # Health checks and reads, in `web`.
 
@@ -237,6 +274,11 @@ def _connect() -> Connection:
         if on_disk and not Path(database).exists():
             raise FileNotFoundError("no database file (run `roomkeeper migrate`)")
     return _read_engine().connect()
+
+
+def read_connection() -> Connection:
+    """A connection for reads that never takes SQLite's write lock (see _read_engine)."""
+    return _connect()
 
 
 def check_database() -> None:
@@ -274,6 +316,7 @@ class StoreFigures:
     oldest_overdue: float
     events_pending: int = 0
     oldest_undelivered: float = 0.0
+    prune_backlog: int | None = None  # None: retention is off
 
 
 @dataclass
@@ -284,6 +327,7 @@ class RedisFigures:
     paused_ms: int
     deliveries: dict[str, int] = field(default_factory=dict)
     delivery_latency: dict[str, float] = field(default_factory=dict)
+    prune: dict[str, float] = field(default_factory=dict)
 
 
 def read_store(now: datetime | None = None) -> StoreFigures:
@@ -309,10 +353,25 @@ def read_store(now: datetime | None = None) -> StoreFigures:
                 col(EventDelivery.pending).is_(True)
             )
         ).one()
+        backlog = None
+        days = get_settings().retention_days
+        if days > 0:
+            # Finished meetings past retention (a range scan of ix_meeting_state_end per state),
+            # counted up to the cap: what the next prune has to do.
+            waiting = (
+                select(col(Meeting.id))
+                .where(
+                    col(Meeting.state).in_(sorted(TERMINAL_STATES)),
+                    col(Meeting.end) < now - timedelta(days=days),
+                )
+                .limit(PRUNE_BACKLOG_CAP)
+                .subquery()
+            )
+            backlog = int(connection.execute(select(func.count()).select_from(waiting)).scalar_one())
     oldest_due: datetime | None = row[2]
     overdue = max(0.0, (now - oldest_due).total_seconds()) if oldest_due is not None else 0.0
     waited = max(0.0, (now - oldest_event).total_seconds()) if oldest_event is not None else 0.0
-    return StoreFigures(meetings, int(row[0]), int(row[1]), overdue, int(pending), waited)
+    return StoreFigures(meetings, int(row[0]), int(row[1]), overdue, int(pending), waited, backlog)
 
 
 def read_redis() -> RedisFigures:
@@ -325,7 +384,8 @@ def read_redis() -> RedisFigures:
     script(keys=[BUDGET_WINDOW_KEY, BUDGET_PAUSED_KEY], args=[budget.WINDOW_MS], client=pipe)
     pipe.hgetall(DELIVERIES_KEY)
     pipe.hgetall(DELIVERY_LATENCY_KEY)
-    raw_calls, raw_lag, (spent, paused_ms), raw_deliveries, raw_latency = pipe.execute()
+    pipe.hgetall(PRUNE_KEY)
+    raw_calls, raw_lag, (spent, paused_ms), raw_deliveries, raw_latency, raw_prune = pipe.execute()
     calls: dict[tuple[str, str], int] = {}
     for name, value in raw_calls.items():
         op, _, status = name.decode().partition("|")
@@ -333,7 +393,8 @@ def read_redis() -> RedisFigures:
     lag = {name.decode(): float(value) for name, value in raw_lag.items()}
     deliveries = {name.decode(): int(value) for name, value in raw_deliveries.items()}
     latency = {name.decode(): float(value) for name, value in raw_latency.items()}
-    return RedisFigures(calls, lag, int(spent), int(paused_ms), deliveries, latency)
+    prune = {name.decode(): float(value) for name, value in raw_prune.items()}
+    return RedisFigures(calls, lag, int(spent), int(paused_ms), deliveries, latency, prune)
 
 
 class RoomkeeperCollector(Collector):
@@ -392,6 +453,13 @@ class RoomkeeperCollector(Collector):
             "Age of the oldest event to a notify URL not yet delivered nor given up (0 when none waits)",
             value=figures.oldest_undelivered,
         )
+        if figures.prune_backlog is not None:  # left out with retention off
+            yield GaugeMetricFamily(
+                "roomkeeper_prune_backlog_meetings",
+                f"Finished meetings past ROOMKEEPER_RETENTION_DAYS still stored (counted up to "
+                f"{PRUNE_BACKLOG_CAP})",
+                value=figures.prune_backlog,
+            )
 
     @staticmethod
     def _redis_metrics(counters: RedisFigures) -> Iterator[Metric]:
@@ -436,6 +504,30 @@ class RoomkeeperCollector(Collector):
             DELIVERY_BUCKETS,
             counters.delivery_latency,
         )
+        pruned = CounterMetricFamily(
+            "roomkeeper_pruned_rows",
+            "Rows removed by retention, per table, as each batch commits",
+            labels=["table"],
+        )
+        for table in PRUNED_TABLES:
+            pruned.add_metric([table], counters.prune.get(f"removed|{table}", 0))
+        yield pruned
+        if "last_finished" in counters.prune:  # left out until a prune has run
+            yield GaugeMetricFamily(
+                "roomkeeper_prune_last_run_timestamp_seconds",
+                "When the last complete prune run finished (Unix time)",
+                value=counters.prune["last_finished"],
+            )
+            yield GaugeMetricFamily(
+                "roomkeeper_prune_last_run_seconds",
+                "How long the last complete prune run took",
+                value=counters.prune.get("last_seconds", 0.0),
+            )
+            yield GaugeMetricFamily(
+                "roomkeeper_prune_last_run_rows",
+                "Rows the last complete prune run removed",
+                value=counters.prune.get("last_removed", 0.0),
+            )
 
 
 def _histogram(
