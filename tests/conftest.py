@@ -13,7 +13,12 @@ from typing import Any
 import pytest
 from sqlalchemy import text
 
-from worker.localredis import ensure_redis
+from tests.hygiene import RunFolder, sqlite_ids_never_reused
+
+# Before anything makes a temporary file: the run's own temporary folder (tests/hygiene.py).
+RUN_FOLDER = RunFolder.start()
+
+from worker.localredis import ensure_redis  # noqa: E402
 
 # The broker must be known before the Celery app is imported: settle it first.
 _redis_url, _embedded_redis = ensure_redis(
@@ -102,6 +107,26 @@ def _drop_postgres_schema() -> Iterator[None]:
             connection.execute(text(f"DROP SCHEMA IF EXISTS {POSTGRES_SCHEMA} CASCADE"))
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    report = yield
+    from tests import harness
+
+    RUN_FOLDER.after_phase(item, report, harness.SYSTEMS)
+    return report
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    if _embedded_redis is not None:
+        _embedded_redis.stop()  # its folder goes with it
+    RUN_FOLDER.finish(session)
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    RUN_FOLDER.summary(terminalreporter)
+
+
 _migrated: set[str] = set()
 TABLES = ("history", "outbox", "event_delivery", "webhook_event", "room", "meeting")
 
@@ -109,6 +134,10 @@ TABLES = ("history", "outbox", "event_delivery", "webhook_event", "room", "meeti
 def _fresh_database(url: str) -> None:
     if url not in _migrated:
         store.migrate(url)
+        if url.startswith("sqlite:///"):
+            # Ids are never reused from one test to the next (tests/hygiene.py).
+            store.dispose_engines()
+            sqlite_ids_never_reused(url.removeprefix("sqlite:///"))
         _migrated.add(url)
     with store.get_engine(url).begin() as connection:
         for table in TABLES:

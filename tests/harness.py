@@ -78,6 +78,11 @@ class Audit:
         ]
 
 
+# Every ProcessSystem made in this process, for the tests' hygiene hook (tests/hygiene.py): once a
+# test is over, the logs of the systems it stopped are removed if it passed, kept if it failed.
+SYSTEMS: list[ProcessSystem] = []
+
+
 class ProcessSystem:
     def __init__(
         self, database_url: str, whereby_url: str, admin_url: str, settings: Mapping[str, str] | None = None
@@ -98,6 +103,8 @@ class ProcessSystem:
             PYTHONUNBUFFERED="1",
         )
         self.logs = Path(tempfile.mkdtemp(prefix="roomkeeper-faults-"))
+        self.stopped = False
+        SYSTEMS.append(self)
         self.workers: list[subprocess.Popen[bytes]] = []
         self.beats: list[subprocess.Popen[bytes]] = []
         self.caller = Celery(broker=self.redis.url, backend=self.redis.url)
@@ -166,6 +173,7 @@ class ProcessSystem:
         self.caller.close()
         self.redis.stop()
         self.engine.dispose()
+        self.stopped = True
 
     # -- the caller's side ----------------------------------------------------------------------
 
