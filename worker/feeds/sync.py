@@ -166,7 +166,7 @@ def _finish(
     else:
         log.info("feed %s: %s: %s", result["name"], outcome, detail)
     if event is not None:
-        log.warning("feed %s: %s", result["name"], event)
+        (log.info if event == "feed.recovered" else log.warning)("feed %s: %s", result["name"], event)
         from worker import outbox
 
         outbox.flush_outbox()
