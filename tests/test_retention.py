@@ -21,6 +21,7 @@ from sqlalchemy import func, text
 from sqlmodel import col, select
 from typer.testing import CliRunner
 
+from config.settings import get_settings
 from tests.conftest import BROKER, apply_settings
 from tests.test_metrics import scrape, value
 from worker import booking, metrics, retention, store
@@ -511,3 +512,43 @@ def test_the_beat_task_prunes(retained: str) -> None:
     meeting("task-old", MeetingState.CANCELLED, NOW - 100 * DAY)
     assert prune()["meeting"] == 1
     assert booking_ids(Meeting) == set()
+
+
+def test_finding_what_to_prune_is_a_range_scan_of_an_index(retained: str) -> None:
+    """Every query that finds rows to prune reads an index range, never the whole table: its cost
+    follows the rows due for pruning, not the rows stored. (On PostgreSQL sequential scans are
+    turned off for the check: with a handful of rows the planner would rightly prefer them.)"""
+    cut = retention.cutoffs(NOW, get_settings())
+    assert cut.bookings is not None
+    finders: dict[str, Any] = {
+        f"{state} meetings": select(col(Meeting.id))
+        .where(retention._prunable(cut.bookings, state))
+        .limit(100)
+        for state in retention.FINAL
+    }
+    for name, model, where in (
+        ("delivered", EventDelivery, retention._old_delivered(cut)),
+        ("sent outbox", Outbox, retention._old_sent_outbox(cut)),
+        ("given up, no booking", EventDelivery, retention._orphans_given_up(cut)),
+        ("applied webhooks", WebhookEvent, retention._old_applied_webhooks(cut)),
+    ):
+        assert where is not None
+        finders[name] = select(model.id).where(where).limit(500)
+    finders["a batch's history"] = select(col(History.id)).where(col(History.booking_id).in_(["a", "b"]))
+    finders["a batch's outbox"] = select(col(Outbox.id)).where(col(Outbox.booking_id).in_(["a", "b"]))
+    finders["a batch's events"] = select(col(EventDelivery.id)).where(
+        col(EventDelivery.booking_id).in_(["a", "b"])
+    )
+    engine = store.get_engine(retained)
+    with engine.connect() as connection:
+        sqlite = engine.dialect.name == "sqlite"
+        if not sqlite:
+            connection.exec_driver_sql("SET enable_seqscan = off")
+        for name, query in finders.items():
+            sql = str(query.compile(engine, compile_kwargs={"literal_binds": True}))
+            explain = "EXPLAIN QUERY PLAN " if sqlite else "EXPLAIN "
+            plan = "\n".join(str(row[-1]) for row in connection.exec_driver_sql(explain + sql))
+            if sqlite:
+                assert "SCAN " not in plan and "USING" in plan, (name, plan)
+            else:
+                assert "Seq Scan" not in plan and "Index" in plan, (name, plan)
