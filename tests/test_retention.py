@@ -16,6 +16,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+import redis
 from fastapi.testclient import TestClient
 from sqlalchemy import func, text
 from sqlmodel import col, select
@@ -23,6 +24,7 @@ from typer.testing import CliRunner
 
 from config.settings import get_settings
 from tests.conftest import BROKER, apply_settings
+from tests.harness import ProcessSystem, later, parse
 from tests.test_metrics import scrape, value
 from worker import booking, metrics, retention, store
 from worker.cli import cli
@@ -38,6 +40,7 @@ from worker.models import (
     WebhookEvent,
 )
 from worker.requests import ScheduleRequest
+from worker.sandbox import SandboxAdmin, SandboxServer
 from worker.store import session_scope
 from worker.web.app import create_app
 
@@ -383,41 +386,46 @@ def test_batches_are_bounded_and_paused_between(retained: str) -> None:
     assert booking_ids(Meeting) == {"live"}
 
 
+def bulk(database: str, n: int, history: int = 10) -> None:
+    """`n` bookings that ended 100 days ago, with `history` lines each, written in bulk."""
+    old = NOW - 100 * DAY
+    with store.get_engine(database).begin() as connection:
+        for first in range(0, n, 5000):
+            ids = [f"bulk-{i}" for i in range(first, min(n, first + 5000))]
+            connection.execute(
+                Meeting.__table__.insert(),  # type: ignore[attr-defined]
+                [
+                    {
+                        "booking_id": booking_id,
+                        "state": MeetingState.ENDED,
+                        "start": old,
+                        "end": old,
+                        "create_at": old,
+                        "room_end": old,
+                        "room_options": {},
+                        "metadata": {},
+                        "attempts": 0,
+                        "replacing": False,
+                        "created_at": old,
+                        "updated_at": old,
+                    }
+                    for booking_id in ids
+                ],
+            )
+            connection.execute(
+                History.__table__.insert(),  # type: ignore[attr-defined]
+                [
+                    {"at": old, "booking_id": booking_id, "kind": "state", "action": "x", "outcome": ""}
+                    for booking_id in ids
+                    for _ in range(history)
+                ],
+            )
+
+
 def test_a_writer_waits_one_batch_at_most_while_a_large_backlog_is_pruned(retained: str) -> None:
     """While 3,000 finished bookings (33,000 rows) are pruned, a small write transaction (the size
     of a room's deletion) runs every 20 ms; none waits much longer than one batch."""
-    engine = store.get_engine(retained)
-    old = NOW - 100 * DAY
-    # Written in bulk: the same rows `meeting` writes, 3,000 at a time.
-    with engine.begin() as connection:
-        connection.execute(
-            Meeting.__table__.insert(),  # type: ignore[attr-defined]
-            [
-                {
-                    "booking_id": f"bulk-{n}",
-                    "state": MeetingState.ENDED,
-                    "start": old,
-                    "end": old,
-                    "create_at": old,
-                    "room_end": old,
-                    "room_options": {},
-                    "metadata": {},
-                    "attempts": 0,
-                    "replacing": False,
-                    "created_at": old,
-                    "updated_at": old,
-                }
-                for n in range(3000)
-            ],
-        )
-        connection.execute(
-            History.__table__.insert(),  # type: ignore[attr-defined]
-            [
-                {"at": old, "booking_id": f"bulk-{n}", "kind": "state", "action": "x", "outcome": ""}
-                for n in range(3000)
-                for _ in range(10)
-            ],
-        )
+    bulk(retained, 3000)
     meeting("live", MeetingState.READY, NOW + timedelta(minutes=10), room=RoomState.LIVE)
     waits: list[float] = []
     stop = threading.Event()
@@ -552,3 +560,46 @@ def test_finding_what_to_prune_is_a_range_scan_of_an_index(retained: str) -> Non
                 assert "SCAN " not in plan and "USING" in plan, (name, plan)
             else:
                 assert "Seq Scan" not in plan and "Index" in plan, (name, plan)
+
+
+# --------------------------------------------------------------------------------------------
+# Real processes: beat prunes a large backlog while a worker deletes rooms at their end.
+
+
+@pytest.fixture
+def procs(database: str, sandbox: SandboxAdmin, sandbox_server: SandboxServer) -> Iterator[ProcessSystem]:
+    system = ProcessSystem(
+        database, sandbox_server.url, sandbox_server.admin_url, {"ROOMKEEPER_PRUNE_INTERVAL_SECONDS": "1"}
+    )
+    try:
+        yield system
+    finally:
+        system.stop()
+
+
+def test_beat_prunes_a_backlog_while_rooms_are_still_deleted_on_time(procs: ProcessSystem) -> None:
+    bulk(procs.database_url, 12_000)
+    procs.start_worker()
+    # Rooms made now, their meetings ending one after another while beat prunes.
+    start = later(3)
+    ends = {f"due-{n}": start + timedelta(seconds=4 + n) for n in range(5)}
+    for booking_id, end in ends.items():
+        procs.book(booking_id, start, end)
+    procs.start_beat()
+    procs.wait_for(lambda: set(procs.states()) == set(ends), timeout=90)
+    procs.wait_for(lambda: all(state == "ended" for state in procs.states().values()), timeout=30)
+
+    client = redis.Redis.from_url(procs.redis.url)
+    figures = {k.decode(): float(v) for k, v in client.hgetall(metrics.PRUNE_KEY).items()}
+    assert figures["removed|meeting"] == 12_000 and figures["removed|history"] == 120_000
+    finished = datetime.fromtimestamp(figures["last_finished"], UTC)
+    began = finished - timedelta(seconds=figures["last_seconds"])
+    audit = procs.audit()
+    deleted = {b: parse(audit.rooms[b][0]["deleted_at"]) for b in ends}
+    # The deletions fell while the prune ran (else this test would show nothing) ...
+    assert any(began < moment < finished for moment in deleted.values() if moment), (began, finished, deleted)
+    # ... and each came at its meeting's end all the same.
+    for booking_id, end in ends.items():
+        moment = deleted[booking_id]
+        assert moment is not None, booking_id
+        assert (moment - end).total_seconds() < 1.0, (booking_id, moment - end)

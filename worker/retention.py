@@ -182,7 +182,7 @@ def _meetings_batch(session: Session, state: str, cutoff: datetime, limit: int) 
 def _rows_batch(
     session: Session, model: Any, table: str, where: ColumnElement[bool], limit: int
 ) -> tuple[Counter[str], bool]:
-    """Delete up to `limit` rows of one table matching `where`, oldest ids first."""
+    """Delete up to `limit` rows of one table matching `where` (found through an index range)."""
     chosen = select(model.id).where(where).limit(limit).scalar_subquery()
     count = _deleted(session, delete(model).where(model.id.in_(chosen)))
     return Counter({table: count}) if count else Counter(), count >= limit
