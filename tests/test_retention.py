@@ -578,26 +578,48 @@ def procs(database: str, sandbox: SandboxAdmin, sandbox_server: SandboxServer) -
 
 
 def test_beat_prunes_a_backlog_while_rooms_are_still_deleted_on_time(procs: ProcessSystem) -> None:
-    bulk(procs.database_url, 12_000)
-    procs.start_worker()
-    # Rooms made now, their meetings ending one after another while beat prunes.
-    start = later(3)
-    ends = {f"due-{n}": start + timedelta(seconds=4 + n) for n in range(5)}
-    for booking_id, end in ends.items():
-        procs.book(booking_id, start, end)
-    procs.start_beat()
-    procs.wait_for(lambda: set(procs.states()) == set(ends), timeout=90)
-    procs.wait_for(lambda: all(state == "ended" for state in procs.states().values()), timeout=30)
+    bulk(procs.database_url, 15_000)
+    left: list[tuple[datetime, int]] = []  # (when, old bookings still stored), watched all along
+    stop = threading.Event()
 
+    def watch() -> None:
+        while not stop.is_set():
+            with procs.engine.connect() as connection:
+                n = connection.execute(text("SELECT count(*) FROM meeting WHERE booking_id LIKE 'bulk-%'"))
+                left.append((datetime.now(UTC), int(n.scalar_one())))
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        procs.start_worker()
+        procs.start_beat()
+        procs.wait_for(lambda: left and left[-1][1] < 15_000, timeout=30)  # the prune has begun
+        # Meetings whose ends fall while beat goes on pruning.
+        start = later(1.5)
+        ends = {f"due-{n}": start + timedelta(seconds=1 + n) for n in range(4)}
+        for booking_id, end in ends.items():
+            procs.book(booking_id, start, end)
+        procs.wait_for(lambda: set(procs.states()) == set(ends), timeout=90)
+        procs.wait_for(lambda: all(state == "ended" for state in procs.states().values()), timeout=30)
+        procs.wait_for(lambda: left[-1][1] == 0, timeout=60)
+    finally:
+        stop.set()
+        watcher.join(5)
+
+    began = next(moment for moment, n in left if n < 15_000)
+    finished = next(moment for moment, n in left if n == 0)
     client = redis.Redis.from_url(procs.redis.url)
     figures = {k.decode(): float(v) for k, v in client.hgetall(metrics.PRUNE_KEY).items()}
-    assert figures["removed|meeting"] == 12_000 and figures["removed|history"] == 120_000
-    finished = datetime.fromtimestamp(figures["last_finished"], UTC)
-    began = finished - timedelta(seconds=figures["last_seconds"])
+    assert figures["removed|meeting"] == 15_000 and figures["removed|history"] == 150_000
     audit = procs.audit()
     deleted = {b: parse(audit.rooms[b][0]["deleted_at"]) for b in ends}
     # The deletions fell while the prune ran (else this test would show nothing) ...
-    assert any(began < moment < finished for moment in deleted.values() if moment), (began, finished, deleted)
+    assert all(moment and began < moment < finished for moment in deleted.values()), (
+        began,
+        finished,
+        deleted,
+    )
     # ... and each came at its meeting's end all the same.
     for booking_id, end in ends.items():
         moment = deleted[booking_id]
