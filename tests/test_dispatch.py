@@ -173,18 +173,23 @@ def test_a_message_not_yet_received_is_not_resent_while_the_broker_still_holds_m
             update(Meeting).where(col(Meeting.id).in_(died)).values(claim_token=claims.RUN_CLAIM + "dead")
         )
     lapse(pks)
-    with app.connection_for_write() as connection:
-        waiting = connection.SimpleQueue("rooms")
-        try:
-            waiting.put({"a message": "no worker has received yet"})
-            sent.clear()
-            assert dispatch.dispatch_due(overdue_only=True)["create"] == 2
-            assert sorted(creations(sent)) == sorted(died)
-        finally:
-            waiting.clear()
-            waiting.close()
-    sent.clear()
-    assert dispatch.dispatch_due(overdue_only=True)["create"] == 2  # the queue is empty now
+    # A queue of its own that no worker consumes (the suite's in-process worker takes `rooms`).
+    apply_settings(ROOMKEEPER_QUEUE="rooms-unreceived")
+    try:
+        with app.connection_for_write() as connection:
+            waiting = connection.SimpleQueue("rooms-unreceived")
+            try:
+                waiting.put({"a message": "no worker has received yet"})
+                sent.clear()
+                assert dispatch.dispatch_due(overdue_only=True)["create"] == 2
+                assert sorted(creations(sent)) == sorted(died)
+            finally:
+                waiting.clear()
+                waiting.close()
+        sent.clear()
+        assert dispatch.dispatch_due(overdue_only=True)["create"] == 2  # the queue is empty now
+    finally:
+        apply_settings(ROOMKEEPER_QUEUE="rooms")
     assert sorted(creations(sent)) == sorted(unreceived)
 
 
