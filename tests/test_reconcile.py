@@ -37,8 +37,10 @@ pytestmark = pytest.mark.usefixtures("system")
 NOTHING = {"listed": 0, "foreign": 0, "orphans_deleted": 0, "lost_rooms": 0, "adopted": 0, "retired": 0}
 
 
-def book(booking_id: str, seconds: float, events: Events | None = None) -> dict[str, Any]:
-    start = soon(0.5)
+def book(
+    booking_id: str, seconds: float, events: Events | None = None, start_in: float = 0.5
+) -> dict[str, Any]:
+    start = soon(start_in)
     extra: dict[str, Any] = {}
     if events is not None:
         extra["notify"] = {"task": "bookings.room_event", "queue": events.queue}
@@ -118,7 +120,7 @@ def end_soon(booking_id: str, seconds: float, events: Events) -> None:
     call(
         "rooms.schedule_meeting",
         booking_id=booking_id,
-        start=view["start"],
+        start=iso(min(parse(view["start"]), soon(0))),
         end=iso(soon(seconds)),
         notify={"task": "bookings.room_event", "queue": events.queue},
     )
@@ -395,21 +397,34 @@ def test_a_room_the_listing_lacks_but_whereby_still_has_is_not_replaced(
 
 @pytest.fixture
 def slow_retries(configured: str) -> Iterator[None]:
-    """A failed create is retried 15-30 s later: long enough for the reconciler to get there first."""
-    apply_settings(ROOMKEEPER_RETRY_BASE_SECONDS="30", ROOMKEEPER_RETRY_MAX_SECONDS="60")
+    """A failed create is retried 15-30 s later: long enough for the reconciler to get there first.
+    Retries close in on a meeting's start, so the meetings of these tests start LOST_REPLY_START_IN
+    from now, with a lead long enough that their rooms are due at once."""
+    apply_settings(
+        ROOMKEEPER_RETRY_BASE_SECONDS="30",
+        ROOMKEEPER_RETRY_MAX_SECONDS="60",
+        ROOMKEEPER_CREATE_LEAD_SECONDS=str(LOST_REPLY_START_IN + 30),
+    )
     yield
     apply_settings(
         **{
             name: TEST_SETTINGS[name]
-            for name in ("ROOMKEEPER_RETRY_BASE_SECONDS", "ROOMKEEPER_RETRY_MAX_SECONDS")
+            for name in (
+                "ROOMKEEPER_RETRY_BASE_SECONDS",
+                "ROOMKEEPER_RETRY_MAX_SECONDS",
+                "ROOMKEEPER_CREATE_LEAD_SECONDS",
+            )
         }
     )
+
+
+LOST_REPLY_START_IN = 120.0
 
 
 def lose_the_reply(sandbox: SandboxAdmin, booking_id: str, events: Events | None = None) -> dict[str, Any]:
     """Book a meeting whose first create makes a room on Whereby but loses the reply; returns that room."""
     sandbox.script({"method": "POST", "action": "lost_reply"})
-    book(booking_id, seconds=90, events=events)
+    book(booking_id, seconds=90, events=events, start_in=LOST_REPLY_START_IN)
     wait_for(lambda: any(action == "retry planned" for _, action, _ in actions(booking_id)))
     view = get(booking_id)
     assert view["state"] == "creating"
