@@ -10,6 +10,7 @@ import hashlib
 import json
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -89,17 +90,25 @@ class CalendarServer:
         self.httpd.shutdown()
 
 
-@pytest.fixture
-def calendars(configured: str) -> Iterator[CalendarServer]:
+@contextmanager
+def serving_calendars() -> Iterator[CalendarServer]:
     """The calendar server, and a store without feeds (conftest empties only its own tables)."""
     with store.session_scope() as session:
         session.execute(delete(FeedOccurrence))
         session.execute(delete(Feed))
     server = CalendarServer()
     apply_settings(ROOMKEEPER_OUTBOUND_ALLOWED_HOSTS="127.0.0.1")
-    yield server
-    server.close()
-    apply_settings(ROOMKEEPER_OUTBOUND_ALLOWED_HOSTS=None)
+    try:
+        yield server
+    finally:
+        server.close()
+        apply_settings(ROOMKEEPER_OUTBOUND_ALLOWED_HOSTS=None)
+
+
+@pytest.fixture
+def calendars(configured: str) -> Iterator[CalendarServer]:
+    with serving_calendars() as server:
+        yield server
 
 
 def stamp(moment: datetime) -> str:

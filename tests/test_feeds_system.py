@@ -7,16 +7,14 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from sqlmodel import delete
 
 from config.celery import beat_schedule
 from config.settings import get_settings
-from tests.conftest import Events, apply_settings, wait_for
-from tests.test_feeds import CalendarServer, stamp, vcalendar, vevent
-from worker import booking, store
+from tests.conftest import Events, wait_for
+from tests.test_feeds import CalendarServer, serving_calendars, stamp, vcalendar, vevent
+from worker import booking
 from worker.app import app
 from worker.feeds import registry, sync
-from worker.models import Feed, FeedOccurrence
 from worker.sandbox import SandboxAdmin
 
 
@@ -29,14 +27,8 @@ def has_room(booking_id: str) -> bool:
 
 @pytest.fixture
 def served(system: str) -> Iterator[CalendarServer]:
-    with store.session_scope() as session:
-        session.execute(delete(FeedOccurrence))
-        session.execute(delete(Feed))
-    server = CalendarServer()
-    apply_settings(ROOMKEEPER_OUTBOUND_ALLOWED_HOSTS="127.0.0.1")
-    yield server
-    server.close()
-    apply_settings(ROOMKEEPER_OUTBOUND_ALLOWED_HOSTS=None)
+    with serving_calendars() as server:
+        yield server
 
 
 def test_beat_has_the_feed_poll_in_process() -> None:

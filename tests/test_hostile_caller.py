@@ -37,7 +37,7 @@ from sqlmodel import delete, select
 from typer.testing import CliRunner
 
 from tests.conftest import apply_settings, call, iso, wait_for
-from tests.test_feeds import CalendarServer, base, stamp, vcalendar, vevent
+from tests.test_feeds import CalendarServer, base, serving_calendars, stamp, vcalendar, vevent
 from worker import booking, store, tokens
 from worker.app import app as celery_app
 from worker.cli import cli
@@ -68,15 +68,9 @@ def minutely_bomb(freq: str = "MINUTELY", since: str = "20160101T090000Z") -> st
 
 @pytest.fixture
 def calendars(configured: str) -> Iterator[CalendarServer]:
-    with store.session_scope() as session:
-        session.execute(delete(FeedOccurrence))
-        session.execute(delete(Feed))
-    server = CalendarServer()
-    apply_settings(ROOMKEEPER_OUTBOUND_ALLOWED_HOSTS="127.0.0.1")
-    yield server
-    server.close()
+    with serving_calendars() as server:
+        yield server
     apply_settings(
-        ROOMKEEPER_OUTBOUND_ALLOWED_HOSTS=None,
         ROOMKEEPER_FEED_SYNC_DEADLINE_SECONDS=None,
         ROOMKEEPER_FEED_MAX_COUNT=None,
         ROOMKEEPER_HTTP_NOTIFY_TASKS=None,
