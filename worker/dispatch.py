@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import ColumnElement, and_, or_, update
+from sqlalchemy import ColumnElement, and_, case, or_, update
 from sqlmodel import Session, col, select
 
 from config.settings import Settings, get_settings
@@ -107,22 +107,17 @@ def claim_due(
         token = prefix + uuid.uuid4().hex
         # The lease covers the message until a worker receives it and renews it itself: a lease
         # past the row's ETA (due now: from now).
+        until = case((col(model.due_at) <= now, now + lease), else_=horizon + lease)
         returned = session.execute(
             update(model)
             .where(col(model.id).in_(pks), due)
-            .values(claim_token=token, claim_until=horizon + lease)
+            .values(claim_token=token, claim_until=until)
             .returning(col(model.id), col(model.due_at), owner)
         ).all()
         rows.extend((pk, due_at, meeting, token) for pk, due_at, meeting in returned)
-        overdue = [(pk, due_at) for pk, due_at, _ in returned if due_at <= now]
         if prefix == RESEND_CLAIM:
+            overdue = [(pk, due_at) for pk, due_at, _ in returned if due_at <= now]
             _back_off_resends(session, model, overdue, now, lease)
-        elif overdue:
-            session.execute(
-                update(model)
-                .where(col(model.id).in_([pk for pk, _ in overdue]))
-                .values(claim_until=now + lease)
-            )
     rows.sort(key=lambda row: row[1])
     if model is Room and rows:
         # The booking id travels in the message only so that operators can tell, in Flower,
@@ -189,7 +184,9 @@ def _dispatch(
     lease = timedelta(seconds=settings.claim_lease_seconds)
     counts = {"create": 0, "delete": 0}
     only_some = meeting_ids is not None or room_ids is not None
-    idle = broker_idle(settings.queue)
+    # Only a pass asks the broker: the rows a transaction just made due are few, were released by
+    # it or never sent, and a worker's hot path should not open a broker connection per commit.
+    idle = True if only_some else broker_idle(settings.queue)
     while True:
         with session_scope() as session:
             deletions: list[Claimed] = []
