@@ -519,7 +519,15 @@ def test_worker_and_beat_processes_deliver_everything_after_a_receiver_outage(
     receivers.append(hook)
     for n in range(3):
         procs.wait_for(lambda n=n: hook.delivered_events(f"proc-hook-{n}") == ["room.ready", "room.deleted"])
-        stored = deliveries(procs.database_url, f"proc-hook-{n}")
+        # The receiver answers 200 before the worker records it: wait for the record too.
+        stored = procs.wait_for(
+            lambda n=n: (
+                (rows := deliveries(procs.database_url, f"proc-hook-{n}"))
+                and all(d["state"] == "delivered" for d in rows)
+                and rows
+            ),
+            timeout=10,
+        )
         assert [d["state"] for d in stored] == ["delivered", "delivered"]
         got = [r for r in hook.received if json.loads(r.body)["booking_id"] == f"proc-hook-{n}"]
         assert [r.delivery for r in got] == [d["delivery_id"] for d in stored]
@@ -584,6 +592,10 @@ def test_an_event_whose_worker_was_killed_mid_post_is_sent_again_with_its_delive
     procs.start_worker()
     # Its claim lapses (delivery.CLAIM) and beat's sweep sends the chain to the new worker.
     procs.wait_for(lambda: hook.delivered_events("proc-crash") == ["room.ready"], timeout=90)
+    # The receiver answers 200 before the worker records it: wait for the record too.
+    procs.wait_for(
+        lambda: deliveries(procs.database_url, "proc-crash")[0]["state"] == "delivered", timeout=10
+    )
     (stored,) = deliveries(procs.database_url, "proc-crash")
     assert stored["state"] == "delivered" and stored["attempts"] == 2
     assert [r.delivery for r in hook.received] == [stored["delivery_id"]] * 2
