@@ -36,7 +36,7 @@ from celery.result import ResultSet
 from sqlalchemy import create_engine, text
 
 from bench.common import BIN, ROOT, Stack, iso, machine, tree_peak_rss_mib, utcnow
-from worker.localredis import free_port
+from worker.devtools.localredis import free_port
 from worker.store import sqlalchemy_url
 
 BATCH = 1000
@@ -153,7 +153,7 @@ def http_batches(base: str, token: str, items: list[dict[str, Any]], connections
 def naive_sends(stack: Stack, items: list[dict[str, Any]]) -> dict[str, Any]:
     """The naive recipe's two `eta` sends per booking (to a queue no worker here reads)."""
     from bench import naive
-    from tests.harness import parse
+    from worker.devtools.harness import parse
 
     caller = stack.procs.caller
     t0 = time.monotonic()

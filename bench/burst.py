@@ -53,8 +53,8 @@ from bench.common import (
     tree_total,
     utcnow,
 )
-from tests.harness import ProcessSystem, parse
-from worker.sandbox import SandboxAdmin
+from worker.devtools.harness import ProcessSystem, parse
+from worker.devtools.sandbox import SandboxAdmin
 
 LEAD_SECONDS = 5.0  # the room is due this long before the start
 LIVE_AFTER_END_SECONDS = 10.0  # "still live" means this long after the end, or never deleted

@@ -2,7 +2,7 @@
 
 Not part of CI. The Whereby sandbox runs in this process (budget 1000 points a minute, the same as
 the service's own ROOMKEEPER_API_POINTS_PER_MINUTE); Redis, two workers and one beat run as
-processes (tests.harness.ProcessSystem) on SQLite, or PostgreSQL with --database. A few hundred
+processes (worker.devtools.harness.ProcessSystem) on SQLite, or PostgreSQL with --database. A few hundred
 short meetings are booked, rescheduled and cancelled through the contract (tasks sent by name),
 while at random: the sandbox's faults change (5xx, lost replies on create, latency), live rooms
 are deleted behind the service's back, "another app" spends the shared budget, 429 storms are
@@ -40,10 +40,11 @@ from celery import Celery
 from sqlmodel import Session, col, select
 
 from bench.common import percentiles, postgres_schema
-from tests.harness import ProcessSystem, parse
-from worker import deployment, store
-from worker.models import History, Meeting, Room
-from worker.sandbox import SandboxConfig, SandboxServer
+from worker import store
+from worker.devtools.harness import ProcessSystem, parse
+from worker.devtools.sandbox import SandboxConfig, SandboxServer
+from worker.store import deployment
+from worker.store.models import History, Meeting, Room
 
 ROOT = Path(__file__).resolve().parent.parent
 BUDGET = 1000  # points a minute: the sandbox's budget and the service's own limiter alike

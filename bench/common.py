@@ -20,10 +20,10 @@ from typing import Any
 
 from sqlalchemy import text
 
-from tests.harness import ProcessSystem, parse
 from worker import store
-from worker.localredis import free_port
-from worker.sandbox import SandboxAdmin
+from worker.devtools.harness import ProcessSystem, parse
+from worker.devtools.localredis import free_port
+from worker.devtools.sandbox import SandboxAdmin
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -258,7 +258,7 @@ class Stack:
         return stack
 
     def start_worker(self) -> subprocess.Popen[bytes]:
-        """`celery -A worker.app worker --loglevel=INFO --task-events`, as the Procfile runs it."""
+        """`celery -A worker.runtime.app worker --loglevel=INFO --task-events`, as the Procfile runs it."""
         n = len(self.procs.workers) + 1
         worker = self.procs._spawn(
             f"worker{n}", "worker", "--loglevel=INFO", "--task-events", "-n", f"w{n}@%h"

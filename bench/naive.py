@@ -30,7 +30,7 @@ from celery import Celery, Task
 from kombu import Queue
 
 from config.settings import DEFAULT_WHEREBY_API_URL, SANDBOX_API_KEY
-from worker.whereby import (
+from worker.adapters.whereby import (
     APIConnectionError,
     CreateMeetingRequest,
     RateLimitedError,

@@ -44,8 +44,8 @@ from celery import Celery
 
 from bench import naive
 from config.settings import SANDBOX_API_KEY
-from worker.localredis import EmbeddedRedis
-from worker.sandbox import SandboxAdmin, SandboxConfig, SandboxServer
+from worker.devtools.localredis import EmbeddedRedis
+from worker.devtools.sandbox import SandboxAdmin, SandboxConfig, SandboxServer
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

@@ -1,8 +1,8 @@
 """`make bench`: how precise, how fast and how frugal roomkeeper is, beside the naive recipe.
 
 Every phase starts its own stack as the Procfile runs it (the sandbox as a process at 50 ms
-latency, an embedded Redis, a fresh store, `celery -A worker.app worker --task-events` and
-`celery -A worker.app beat`) and drives it through the contract from this process, by task name.
+latency, an embedded Redis, a fresh store, `celery -A worker.runtime.app worker --task-events` and
+`celery -A worker.runtime.app beat`) and drives it through the contract from this process, by task name.
 Figures come from the sandbox's own record of rooms and calls. One table is printed and the
 same figures are written to var/bench.json.
 
@@ -48,9 +48,9 @@ from bench.common import (
     tree_peak_rss_mib,
     utcnow,
 )
-from tests.harness import parse
-from worker.localredis import EmbeddedRedis
-from worker.localredis import answers as redis_answers
+from worker.devtools.harness import parse
+from worker.devtools.localredis import EmbeddedRedis
+from worker.devtools.localredis import answers as redis_answers
 
 PHASES = ("precision", "naive", "intake", "bookings", "throughput", "store", "budget", "burst")
 DEFAULT_POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"

@@ -12,7 +12,7 @@ What is measured, per database (SQLite in a temporary file, or PostgreSQL in a s
   that, and the same at every size: `live` meetings whose rooms are live and end hours ahead, and
   `due` rows due right now: half room creations (meetings whose creation time has just passed),
   half deletions (live rooms whose meeting has just ended).
-* The Whereby sandbox (worker.sandbox) runs in this process and holds exactly the rooms the store
+* The Whereby sandbox (worker.devtools.sandbox) runs in this process and holds exactly the rooms the store
   thinks are live (made through its own create call, recorded as room.whereby_id), so the
   reconciler finds nothing to repair and every pass does the same work.
 * tick: `dispatch.dispatch_due()` followed by `outbox.flush_outbox()`, as the beat task
@@ -64,10 +64,14 @@ from sqlalchemy.engine import make_url
 from sqlmodel import SQLModel, col
 
 from bench.common import postgres_schema
-from worker import deployment, dispatch, lifecycle, outbox, runtime, store
-from worker import reconcile as reconciler
-from worker.models import Meeting, MeetingState, Room, RoomState, utcnow
-from worker.sandbox import SandboxConfig, SandboxServer
+from worker import store
+from worker.devtools.sandbox import SandboxConfig, SandboxServer
+from worker.jobs import dispatch, outbox
+from worker.jobs import reconcile as reconciler
+from worker.rules import lifecycle
+from worker.runtime import resources
+from worker.store import deployment
+from worker.store.models import Meeting, MeetingState, Room, RoomState, utcnow
 
 DEFAULT_SIZES = (10_000, 100_000, 1_000_000)
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/12"
@@ -466,14 +470,14 @@ def _apply_env(env: dict[str, str | None]) -> dict[str, str | None]:
             os.environ.pop(name, None)
         else:
             os.environ[name] = value
-    runtime.reset()
+    resources.reset()
     return previous
 
 
 def _point_celery_at(broker_url: str, backend_url: str) -> tuple[str, str]:
     """The Celery app reads its broker when first imported: one imported earlier (with other
     settings) is moved to this broker. Returns the URLs it had."""
-    from worker.app import app
+    from worker.runtime.app import app
 
     previous = (str(app.conf.broker_url), str(app.conf.result_backend))
     if previous != (broker_url, backend_url):

@@ -29,7 +29,7 @@ import httpx
 from sqlalchemy import create_engine, text
 
 from bench.common import Booked, Stack, iso, machine, percentiles, tree_peak_rss_mib, utcnow
-from worker.localredis import free_port
+from worker.devtools.localredis import free_port
 from worker.store import sqlalchemy_url
 
 SECRET = "bench-webhook-secret"

@@ -12,12 +12,12 @@ from config.settings import Settings
 # uses stays far below it (at most one dispatch interval), so ETAs never trigger redelivery.
 VISIBILITY_TIMEOUT_SECONDS = 3600
 
-# Beat entry options read by worker.beat.InBeatScheduler: run the entry's task in beat's own
+# Beat entry options read by worker.runtime.beat.InBeatScheduler: run the entry's task in beat's own
 # process instead of sending it, and (RUN_AT_START) once more as soon as beat starts.
 RUN_IN_BEAT = "run_in_beat"
 RUN_AT_START = "run_at_start"
 
-POOLS = {"threads": "worker.pool:TaskPool"}
+POOLS = {"threads": "worker.runtime.pool:TaskPool"}
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -50,19 +50,19 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_send_task_events": True,
         "task_track_started": True,
         "worker_hijack_root_logger": False,
-        # `threads` is Celery's threads pool with deletions ahead of creations (worker/pool.py).
+        # `threads` is Celery's threads pool with deletions ahead of creations (worker/runtime/pool.py).
         "worker_pool": POOLS.get(settings.worker_pool, settings.worker_pool),
         "worker_concurrency": settings.worker_concurrency,
         # Beat keeps no schedule file: the database holds the schedule, and a restarted beat
         # should dispatch at once rather than wait out an interval it remembers. This subclass of
         # celery.beat:Scheduler runs the `RUN_IN_BEAT` entries in beat's own process.
-        "beat_scheduler": "worker.beat:InBeatScheduler",
+        "beat_scheduler": "worker.runtime.beat:InBeatScheduler",
         "beat_schedule": beat_schedule(settings),
     }
 
 
 def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
-    # Every entry runs inside beat (worker.beat): a tick that finds nothing to do leaves no trace in
+    # Every entry runs inside beat (worker.runtime.beat): a tick that finds nothing to do leaves no trace in
     # the broker or in Flower, and only the work it finds is sent. The queue and expiry say how an
     # entry would be sent by a stock scheduler (`celery beat -S celery.beat:Scheduler`).
     # The reconciler runs in beat too, though it calls Whereby and can take a while: as a task it

@@ -81,7 +81,7 @@ class Settings(BaseSettings):
     # (changing nothing): bounds in every pool and in the web process.
     feed_max_count: int = Field(default=100, ge=1, le=100_000)
     feed_sync_deadline_seconds: float = Field(default=20, ge=1, le=600)
-    # Retention (worker/retention.py): finished bookings whose end is older than this many days go,
+    # Retention (worker/jobs/retention.py): finished bookings whose end is older than this many days go,
     # with everything recorded about them; delivered events (outbox and event_delivery rows) after
     # the second. 0 keeps them forever. Beat prunes every prune_interval_seconds.
     retention_days: int = Field(default=90, ge=0, le=36_500)
@@ -263,7 +263,7 @@ class Settings(BaseSettings):
     @property
     def room_tag_length(self) -> int:
         """Characters of the room-name prefix the service itself uses: "<prefix>-<5-char deployment
-        identity>-<8-char tag>-" (see worker/deployment.py)."""
+        identity>-<8-char tag>-" (see worker/store/deployment.py)."""
         return len(self.room_prefix) + 16
 
     @property

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from worker import delivery
-from worker.app import app
+from worker.jobs import delivery
+from worker.runtime.app import app
 
 
 # Its own time limits, not ROOMKEEPER_TASK_TIME_LIMIT_SECONDS (sized for Whereby calls): a run

@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from config.settings import get_settings
-from worker.app import app
-from worker.feeds import registry, sync
+from worker.jobs.feeds import registry, sync
+from worker.runtime.app import app
 
 
 @app.task(name="feeds.poll_due")

@@ -5,11 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 from config.settings import get_settings
-from worker import batch, booking
-from worker.app import app
+from worker.jobs import batch, booking
 
 # `throws`: a caller's mistake is an expected outcome, logged without a traceback.
-from worker.requests import BookingRef, InvalidRequest, ScheduleRequest, validate
+from worker.rules.validation import BookingRef, InvalidRequest, ScheduleRequest, validate
+from worker.runtime.app import app
 
 
 @app.task(name="rooms.schedule_meeting", typing=False, throws=(InvalidRequest,))
@@ -30,5 +30,5 @@ def get_meeting(*args: Any, **kwargs: Any) -> dict[str, Any]:
 
 @app.task(name="rooms.schedule_meetings", typing=False, throws=(InvalidRequest,))
 def schedule_meetings(*args: Any, **kwargs: Any) -> list[dict[str, Any]]:
-    """Up to 1,000 bookings at once: one result per item, in order (worker/batch.py)."""
+    """Up to 1,000 bookings at once: one result per item, in order (worker/jobs/batch.py)."""
     return batch.schedule_many(validate(batch.ScheduleBatch, args, kwargs).bookings)

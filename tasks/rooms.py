@@ -14,10 +14,11 @@ from typing import Any
 from celery import bootsteps
 from celery.signals import task_received
 
-from worker import claims, creation, deletion
-from worker.app import app
-from worker.errors import WherebyCallFailed
-from worker.models import Meeting, Room
+from worker.jobs import creation, deletion
+from worker.jobs.call_failures import WherebyCallFailed
+from worker.runtime.app import app
+from worker.store import claims
+from worker.store.models import Meeting, Room
 
 
 @app.task(name="rooms.create_room", ignore_result=True, throws=(WherebyCallFailed,))
@@ -39,7 +40,7 @@ _HELD: dict[str, tuple[type[Meeting] | type[Room], str]] = {
 @task_received.connect
 def _hold_while_waiting(request: Any = None, **_: Any) -> None:
     # A received room message may wait here for its ETA or a free thread; its row's lease is kept
-    # alive meanwhile, so the dispatcher sends it again only if this worker dies (worker/claims.py).
+    # alive meanwhile, so the dispatcher sends it again only if this worker dies (worker/store/claims.py).
     held = _HELD.get(getattr(request, "name", ""))
     if held is not None:
         model, key = held

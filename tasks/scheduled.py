@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from worker import dispatch, occupancy, outbox, retention
-from worker import reconcile as reconciler
-from worker.app import app
+from worker.jobs import dispatch, occupancy, outbox, retention
+from worker.jobs import reconcile as reconciler
+from worker.runtime.app import app
 
 
 @app.task(name="rooms.dispatch_due")
@@ -33,5 +33,5 @@ def sweep_webhooks() -> int:
 
 @app.task(name="rooms.prune")
 def prune() -> dict[str, int]:
-    """Rows past retention removed, per table (worker/retention.py)."""
+    """Rows past retention removed, per table (worker/jobs/retention.py)."""
     return dict(retention.prune().removed)

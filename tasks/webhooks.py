@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from worker import occupancy
-from worker.app import app
+from worker.jobs import occupancy
+from worker.runtime.app import app
 
 
 @app.task(name="rooms.apply_webhooks", ignore_result=True)

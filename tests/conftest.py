@@ -18,7 +18,7 @@ from tests.hygiene import RunFolder, sqlite_ids_never_reused
 # Before anything makes a temporary file: the run's own temporary folder (tests/hygiene.py).
 RUN_FOLDER = RunFolder.start()
 
-from worker.localredis import ensure_redis  # noqa: E402
+from worker.devtools.localredis import ensure_redis  # noqa: E402
 
 # The broker must be known before the Celery app is imported: settle it first.
 _redis_url, _embedded_redis = ensure_redis(
@@ -37,9 +37,11 @@ POSTGRES_SERVER = os.environ.get("ROOMKEEPER_TEST_POSTGRES_URL", "postgresql://p
 POSTGRES_SCHEMA = f"roomkeeper_test_{os.getpid()}"
 POSTGRES_URL = f"{POSTGRES_SERVER}?options=-csearch_path%3D{POSTGRES_SCHEMA}"
 
-from worker import budget, runtime, store  # noqa: E402
-from worker.app import app  # noqa: E402
-from worker.sandbox import SandboxAdmin, SandboxConfig, SandboxServer  # noqa: E402
+from worker import store  # noqa: E402
+from worker.adapters import budget  # noqa: E402
+from worker.devtools.sandbox import SandboxAdmin, SandboxConfig, SandboxServer  # noqa: E402
+from worker.runtime import resources  # noqa: E402
+from worker.runtime.app import app  # noqa: E402
 
 TEST_SETTINGS = {
     "ROOMKEEPER_CREATE_LEAD_SECONDS": "1",
@@ -60,7 +62,7 @@ def apply_settings(**env: str | None) -> None:
             os.environ.pop(name, None)
         else:
             os.environ[name] = value
-    runtime.reset()
+    resources.reset()
 
 
 def clear_budget() -> None:
@@ -110,7 +112,7 @@ def _drop_postgres_schema() -> Iterator[None]:
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
     report = yield
-    from tests import harness
+    from worker.devtools import harness
 
     RUN_FOLDER.after_phase(item, report, harness.SYSTEMS)
     return report

@@ -5,7 +5,8 @@ never reused from one test to the next.
   embedded Redis, Radicale, a browser's profile: anything made through `tempfile` or `TMPDIR`, here
   and in the processes the tests start) goes under one folder of the run's own,
   `$TMPDIR/roomkeeper-tests-XXXX`. A run that passes removes it; one that fails keeps it and says where.
-- A test's process logs (`tests/harness.py` ProcessSystem) are removed when the test passed, and kept,
+- A test's process logs (`worker/devtools/harness.py` ProcessSystem) are removed when the test passed,
+  and kept,
   named in the test's report, when it failed.
 - The check: when every test passed, anything still in the run's folder at the end (beyond pytest's
   own, which pytest removes) was left behind by a test or a fixture: the run fails, naming it.

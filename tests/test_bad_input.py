@@ -11,10 +11,10 @@ from sqlalchemy import func
 from sqlmodel import select
 
 from tests.conftest import call, iso, soon
-from worker.app import app
-from worker.models import History, Meeting
-from worker.sandbox import SandboxAdmin
+from worker.devtools.sandbox import SandboxAdmin
+from worker.runtime.app import app
 from worker.store import session_scope
+from worker.store.models import History, Meeting
 
 pytestmark = pytest.mark.usefixtures("system")
 

@@ -1,4 +1,4 @@
-"""Many bookings at once (worker/batch.py, `rooms.schedule_meetings`): each item on its own, good
+"""Many bookings at once (worker/jobs/batch.py, `rooms.schedule_meetings`): each item on its own, good
 ones stored and bad ones not, a chunk stored whole or not at all, one dispatch per batch, the same
 rules as one booking at a time; on SQLite and PostgreSQL, through the real worker where it matters."""
 
@@ -13,10 +13,10 @@ from celery.exceptions import TimeoutError as CeleryTimeout
 from sqlmodel import col, select
 
 from tests.conftest import call, iso, soon, wait_for
-from worker import batch, booking, journal, persist
-from worker.models import History, Meeting
-from worker.requests import InvalidRequest, ScheduleRequest
-from worker.store import session_scope
+from worker.jobs import batch, booking
+from worker.rules.validation import InvalidRequest, ScheduleRequest
+from worker.store import journal, persist, session_scope
+from worker.store.models import History, Meeting
 
 
 def item(booking_id: str, days: float = 1, minutes: float = 30, **extra: Any) -> dict[str, Any]:
@@ -197,7 +197,7 @@ def test_the_task_refuses_a_bad_call(system: str, kwargs: dict[str, Any], messag
 
 
 def test_the_task_takes_keyword_arguments_only(system: str) -> None:
-    from worker.app import app
+    from worker.runtime.app import app
 
     with pytest.raises((InvalidRequest, CeleryTimeout), match="keyword arguments"):
         app.send_task("rooms.schedule_meetings", args=[[item("p")]], queue="rooms").get(timeout=15)

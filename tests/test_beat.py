@@ -14,9 +14,9 @@ import pytest
 from celery import Celery
 
 from config.celery import RUN_AT_START, RUN_IN_BEAT
-from tests.harness import ProcessSystem, later
-from worker.beat import InBeatScheduler
-from worker.sandbox import SandboxAdmin, SandboxServer
+from worker.devtools.harness import ProcessSystem, later
+from worker.devtools.sandbox import SandboxAdmin, SandboxServer
+from worker.runtime.beat import InBeatScheduler
 
 TICKS = {"rooms.dispatch_due", "rooms.recover_overdue", "rooms.reconcile"}
 
@@ -101,7 +101,7 @@ def test_a_tick_is_skipped_while_the_previous_run_goes_on(
     first = scheduler.run_in_beat(entry)
     assert first is not None
     assert probe.runs() == ["tick@beat-slow"]
-    with caplog.at_level(logging.WARNING, logger="worker.beat"):
+    with caplog.at_level(logging.WARNING, logger="worker.runtime.beat"):
         scheduler.apply_entry(entry)
     assert scheduler.run_in_beat(entry) is None
     assert "slow (probe.tick) skipped this tick" in caplog.text
@@ -120,7 +120,7 @@ def test_a_failing_run_is_logged_and_the_next_tick_runs_again(
 ) -> None:
     scheduler = probe.scheduler(flaky=in_beat("flaky-q"))
     probe.fail = True
-    with caplog.at_level(logging.ERROR, logger="worker.beat"):
+    with caplog.at_level(logging.ERROR, logger="worker.runtime.beat"):
         for _ in range(2):
             thread = scheduler.run_in_beat(scheduler.schedule["flaky"])
             assert thread is not None

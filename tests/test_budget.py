@@ -9,8 +9,8 @@ from datetime import timedelta
 import pytest
 
 from tests.conftest import BROKER, apply_settings, call, clear_budget, iso, parse, soon, wait_for
-from worker.budget import Budget, BudgetExhausted
-from worker.sandbox import SandboxAdmin
+from worker.adapters.budget import Budget, BudgetExhausted
+from worker.devtools.sandbox import SandboxAdmin
 
 
 @pytest.fixture

@@ -15,8 +15,8 @@ from collections.abc import Iterator
 import pytest
 
 from bench import burst
-from tests.harness import ProcessSystem
-from worker.sandbox import SandboxAdmin, SandboxServer
+from worker.devtools.harness import ProcessSystem
+from worker.devtools.sandbox import SandboxAdmin, SandboxServer
 
 MEETINGS = 2000
 WINDOW_SECONDS = 2.0

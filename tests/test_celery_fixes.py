@@ -1,4 +1,4 @@
-"""The event-buffer fix for Celery 5.6 (worker/celery_fixes.py): no task event lost to a flush."""
+"""The event-buffer fix for Celery 5.6 (worker/runtime/celery_fixes.py): no task event lost to a flush."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from typing import Any
 
 from celery.events.dispatcher import EventDispatcher
 
-from worker import celery_fixes
-from worker.app import app  # noqa: F401  (importing the app installs the fix)
+from worker.runtime import celery_fixes
+from worker.runtime.app import app  # noqa: F401  (importing the app installs the fix)
 
 
 class Dispatcher:

@@ -10,7 +10,7 @@ import textwrap
 import pytest
 
 from tests.conftest import BROKER, soon
-from worker.sandbox import SandboxAdmin
+from worker.devtools.sandbox import SandboxAdmin
 
 pytestmark = pytest.mark.usefixtures("system")
 

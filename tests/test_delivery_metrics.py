@@ -22,11 +22,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.conftest import BROKER, apply_settings
 from tests.test_metrics import Samples, scrape, value
 from tests.test_notify_url import SECRET, Receiver
-from worker import delivery, journal, metrics
-from worker.localredis import free_port
-from worker.models import DeliveryState, EventDelivery
-from worker.store import session_scope
-from worker.web.app import create_app
+from worker.adapters import metrics
+from worker.devtools.localredis import free_port
+from worker.faces.web.app import create_app
+from worker.jobs import delivery
+from worker.store import journal, session_scope
+from worker.store.models import DeliveryState, EventDelivery
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from worker.processes import procfile_commands
+from worker.devtools.processes import procfile_commands
 
 ROOT = Path(__file__).resolve().parent.parent
 

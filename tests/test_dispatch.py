@@ -15,12 +15,12 @@ from sqlalchemy import update
 from sqlmodel import col, select
 
 from tests.conftest import apply_settings
-from worker import claims, creation, deletion, dispatch, outbox
-from worker.app import app
-from worker.errors import WherebyCallFailed
-from worker.models import Meeting, MeetingState, Outbox, Room, RoomState, utcnow
-from worker.sandbox import SandboxAdmin
-from worker.store import session_scope
+from worker.devtools.sandbox import SandboxAdmin
+from worker.jobs import creation, deletion, dispatch, outbox
+from worker.jobs.call_failures import WherebyCallFailed
+from worker.runtime.app import app
+from worker.store import claims, session_scope
+from worker.store.models import Meeting, MeetingState, Outbox, Room, RoomState, utcnow
 
 pytestmark = pytest.mark.usefixtures("configured", "sandbox")
 

@@ -20,8 +20,8 @@ from urllib.parse import urlsplit
 import pytest
 from fastapi.testclient import TestClient
 
-from worker.web.app import create_app
-from worker.web.docs import ASSETS, STATIC
+from worker.faces.web.app import create_app
+from worker.faces.web.docs import ASSETS, STATIC
 
 
 @pytest.fixture(scope="module")

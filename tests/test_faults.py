@@ -13,8 +13,8 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import text
 
-from tests.harness import ProcessSystem, later, parse
-from worker.sandbox import SandboxAdmin, SandboxServer
+from worker.devtools.harness import ProcessSystem, later, parse
+from worker.devtools.sandbox import SandboxAdmin, SandboxServer
 
 # A killed run's claim lapses after the lease (2 s), the next beat tick (1 s) resends it.
 RECOVERY = timedelta(seconds=2 + 1 + 2)

@@ -22,11 +22,14 @@ from sqlmodel import col, delete, select
 from typer.testing import CliRunner
 
 from tests.conftest import apply_settings
-from worker import booking, store, tokens
-from worker.cli import cli
-from worker.feeds import expand, registry, sync
-from worker.models import Feed, FeedOccurrence, Outbox
-from worker.web.app import create_app
+from worker import store
+from worker.adapters.calendars import expand
+from worker.faces.cli.main import cli
+from worker.faces.web.app import create_app
+from worker.jobs import booking
+from worker.jobs.feeds import registry, sync
+from worker.store import tokens
+from worker.store.models import Feed, FeedOccurrence, Outbox
 
 FIXTURES = Path(__file__).parent / "fixtures" / "ics"
 

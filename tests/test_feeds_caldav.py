@@ -22,10 +22,12 @@ from sqlmodel import delete
 
 from tests.conftest import apply_settings
 from tests.test_feeds import base, feed_row, stamp, vcalendar, vevent
-from worker import booking, outbound, store
-from worker.feeds import caldav as caldav_read
-from worker.feeds import registry, sync
-from worker.models import Feed, FeedOccurrence
+from worker import store
+from worker.adapters import outbound
+from worker.adapters.calendars import caldav as caldav_read
+from worker.jobs import booking
+from worker.jobs.feeds import registry, sync
+from worker.store.models import Feed, FeedOccurrence
 
 PASSWORD = "radicale-pass-7f3e"
 

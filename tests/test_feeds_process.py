@@ -12,12 +12,13 @@ import pytest
 from sqlmodel import delete
 
 from tests.conftest import apply_settings, wait_for
-from tests.harness import ProcessSystem
 from tests.test_feeds import CalendarServer, stamp, vcalendar, vevent
-from worker import booking, store
-from worker.feeds import registry
-from worker.models import Feed, FeedOccurrence
-from worker.sandbox import SandboxServer
+from worker import store
+from worker.devtools.harness import ProcessSystem
+from worker.devtools.sandbox import SandboxServer
+from worker.jobs import booking
+from worker.jobs.feeds import registry
+from worker.store.models import Feed, FeedOccurrence
 
 
 @pytest.fixture

@@ -12,10 +12,10 @@ from config.celery import beat_schedule
 from config.settings import get_settings
 from tests.conftest import Events, wait_for
 from tests.test_feeds import CalendarServer, serving_calendars, stamp, vcalendar, vevent
-from worker import booking
-from worker.app import app
-from worker.feeds import registry, sync
-from worker.sandbox import SandboxAdmin
+from worker.devtools.sandbox import SandboxAdmin
+from worker.jobs import booking
+from worker.jobs.feeds import registry, sync
+from worker.runtime.app import app
 
 
 def has_room(booking_id: str) -> bool:

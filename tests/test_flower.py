@@ -14,8 +14,8 @@ import httpx
 import pytest
 
 from tests.conftest import BROKER, call, iso, soon, wait_for
-from worker import flower as flower_guard
-from worker.localredis import free_port
+from worker.devtools.localredis import free_port
+from worker.faces import flower as flower_guard
 
 SECRET = "sk-flower-SECRET-0b7d"
 ROOMKEEPER = str(Path(sys.executable).with_name("roomkeeper"))

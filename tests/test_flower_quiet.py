@@ -11,9 +11,9 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.harness import BIN, ROOT, ProcessSystem, later
-from worker.localredis import free_port
-from worker.sandbox import SandboxAdmin, SandboxServer
+from worker.devtools.harness import BIN, ROOT, ProcessSystem, later
+from worker.devtools.localredis import free_port
+from worker.devtools.sandbox import SandboxAdmin, SandboxServer
 
 AUTH = ("ops", "secret")
 TICKS = {"rooms.dispatch_due", "rooms.recover_overdue", "rooms.reconcile"}
@@ -41,7 +41,7 @@ def flower(procs: ProcessSystem) -> Iterator[str]:
     env = dict(procs.env, FLOWER_BASIC_AUTH="ops:secret")
     log = (procs.logs / "flower.log").open("ab")
     process = subprocess.Popen(
-        [str(BIN / "celery"), "-A", "worker.app", "flower", f"--port={port}", "--address=127.0.0.1"],
+        [str(BIN / "celery"), "-A", "worker.runtime.app", "flower", f"--port={port}", "--address=127.0.0.1"],
         cwd=ROOT,
         env=env,
         stdout=log,

@@ -38,13 +38,16 @@ from typer.testing import CliRunner
 
 from tests.conftest import apply_settings, call, iso, wait_for
 from tests.test_feeds import CalendarServer, base, serving_calendars, stamp, vcalendar, vevent
-from worker import booking, store, tokens
-from worker.app import app as celery_app
-from worker.cli import cli
-from worker.feeds import expand, limits, registry, sync
-from worker.models import Feed, FeedOccurrence, Meeting
-from worker.requests import ScheduleRequest
-from worker.web.app import create_app
+from worker import store
+from worker.adapters.calendars import expand, limits
+from worker.faces.cli.main import cli
+from worker.faces.web.app import create_app
+from worker.jobs import booking
+from worker.jobs.feeds import registry, sync
+from worker.rules.validation import ScheduleRequest
+from worker.runtime.app import app as celery_app
+from worker.store import tokens
+from worker.store.models import Feed, FeedOccurrence, Meeting
 
 WEBHOOK_SECRET = "whsec_hostile_test"
 

@@ -17,14 +17,13 @@ from sqlmodel import select
 
 from config.settings import get_settings
 from tests.conftest import iso, soon
-from tests.harness import BIN, ROOT, ProcessSystem
-from worker import tokens
-from worker.localredis import free_port
-from worker.models import History, Meeting
-from worker.requests import InvalidRequest, ScheduleRequest, validate
-from worker.sandbox import SandboxAdmin, SandboxServer
-from worker.store import get_engine, session_scope
-from worker.web.app import create_app
+from worker.devtools.harness import BIN, ROOT, ProcessSystem
+from worker.devtools.localredis import free_port
+from worker.devtools.sandbox import SandboxAdmin, SandboxServer
+from worker.faces.web.app import create_app
+from worker.rules.validation import InvalidRequest, ScheduleRequest, validate
+from worker.store import get_engine, session_scope, tokens
+from worker.store.models import History, Meeting
 
 PROBLEM = "application/problem+json"
 
@@ -278,7 +277,7 @@ def test_bodies_that_are_not_json_objects(web: TestClient, token: str, raw: byte
 
 
 # --------------------------------------------------------------------------------------------
-# Batch over HTTP (worker/batch.py has the store-level tests).
+# Batch over HTTP (worker/jobs/batch.py has the store-level tests).
 
 
 def test_batch_answers_each_item_in_order(web: TestClient, token: str) -> None:

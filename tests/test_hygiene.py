@@ -14,9 +14,10 @@ import pytest
 from sqlmodel import col, func, select
 
 from tests import conftest, hygiene
-from worker import booking, store
-from worker.models import History, Meeting, Outbox
-from worker.requests import ScheduleRequest
+from worker import store
+from worker.jobs import booking
+from worker.rules.validation import ScheduleRequest
+from worker.store.models import History, Meeting, Outbox
 
 
 def _book(booking_id: str) -> dict[str, int]:

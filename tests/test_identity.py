@@ -8,8 +8,9 @@ from pathlib import Path
 from sqlalchemy import text
 
 from tests.conftest import apply_settings
-from worker import deployment, store
-from worker.deployment import IDENTITY_LENGTH
+from worker import store
+from worker.store import deployment
+from worker.store.deployment import IDENTITY_LENGTH
 
 
 def _fresh(tmp_path: Path, name: str) -> str:

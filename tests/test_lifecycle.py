@@ -9,7 +9,7 @@ import pytest
 from celery.exceptions import TimeoutError as CeleryTimeout
 
 from tests.conftest import Events, call, iso, parse, soon, wait_for
-from worker.sandbox import SandboxAdmin
+from worker.devtools.sandbox import SandboxAdmin
 
 pytestmark = pytest.mark.usefixtures("system")
 
@@ -238,7 +238,7 @@ BAD_CALLS = [
 def test_bad_input_fails_at_once_naming_the_field(
     sandbox: SandboxAdmin, kwargs: dict[str, Any], field: str, rule: str
 ) -> None:
-    result = __import__("worker.app", fromlist=["app"]).app.send_task(
+    result = __import__("worker.runtime.app", fromlist=["app"]).app.send_task(
         "rooms.schedule_meeting", queue="rooms", kwargs=kwargs
     )
     with pytest.raises(Exception) as caught:
@@ -260,7 +260,7 @@ def test_bad_input_fails_at_once_naming_the_field(
 def test_unknown_booking_and_positional_arguments_are_errors() -> None:
     with pytest.raises(Exception, match="booking_id: no meeting with booking_id 'nobody'"):
         call("rooms.cancel_meeting", booking_id="nobody")
-    from worker.app import app
+    from worker.runtime.app import app
 
     with pytest.raises(Exception, match="keyword arguments"):
         app.send_task("rooms.get_meeting", args=["x"], queue="rooms").get(timeout=10)
@@ -317,10 +317,10 @@ def test_sustained_failure_ends_failed_with_event(sandbox: SandboxAdmin, events:
 def test_same_create_delivered_twice_makes_one_room(sandbox: SandboxAdmin) -> None:
     from sqlmodel import select
 
-    from worker import claims, dispatch
-    from worker.app import app
-    from worker.models import Meeting
-    from worker.store import session_scope
+    from worker.jobs import dispatch
+    from worker.runtime.app import app
+    from worker.store import claims, session_scope
+    from worker.store.models import Meeting
 
     book("twice-1", start_in=3600, minutes=30)
     with session_scope() as session:
@@ -345,8 +345,8 @@ def test_same_create_delivered_twice_makes_one_room(sandbox: SandboxAdmin) -> No
 
 def test_meeting_due_while_nothing_ran_gets_its_room_at_once(sandbox: SandboxAdmin) -> None:
     """A meeting stored before an outage, whose creation time passed while no process ran."""
-    from worker.models import Meeting, MeetingState, utcnow
     from worker.store import session_scope
+    from worker.store.models import Meeting, MeetingState, utcnow
 
     now = utcnow()
     with session_scope() as session:
@@ -371,7 +371,7 @@ def test_the_api_key_appears_nowhere(
     sandbox_server: Any, sandbox: SandboxAdmin, caplog: pytest.LogCaptureFixture, events: Events
 ) -> None:
     from tests.conftest import apply_settings
-    from worker.app import app
+    from worker.runtime.app import app
 
     secret = "sk-test-SECRET-4f9a1c7e2b"
     sandbox_server.sandbox.config.api_key = secret

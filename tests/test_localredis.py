@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from worker import localredis
+from worker.devtools import localredis
 
 
 def test_configured_redis_is_used_when_it_answers() -> None:

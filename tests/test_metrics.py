@@ -17,12 +17,12 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import BROKER, apply_settings, call, clear_budget, iso, soon, wait_for
-from worker import budget, metrics, whereby
-from worker.localredis import free_port
-from worker.models import Meeting, MeetingState, Room, RoomState
-from worker.sandbox import SandboxAdmin
+from worker.adapters import budget, metrics, whereby
+from worker.devtools.localredis import free_port
+from worker.devtools.sandbox import SandboxAdmin
+from worker.faces.web.app import create_app
 from worker.store import session_scope
-from worker.web.app import create_app
+from worker.store.models import Meeting, MeetingState, Room, RoomState
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 

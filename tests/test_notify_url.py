@@ -24,13 +24,15 @@ from sqlalchemy import text
 
 from config.settings import get_settings
 from tests.conftest import Events, Ticker, apply_settings, call, iso, soon, wait_for
-from tests.harness import ProcessSystem
-from worker import booking, delivery, journal, store
-from worker.app import app
-from worker.models import EventDelivery, utcnow
-from worker.requests import InvalidRequest
-from worker.sandbox import SandboxAdmin, SandboxServer
-from worker.signing import receiver as receiver_key
+from worker import store
+from worker.adapters.signing import receiver as receiver_key
+from worker.devtools.harness import ProcessSystem
+from worker.devtools.sandbox import SandboxAdmin, SandboxServer
+from worker.jobs import booking, delivery
+from worker.rules.validation import InvalidRequest
+from worker.runtime.app import app
+from worker.store import journal
+from worker.store.models import EventDelivery, utcnow
 
 SECRET = "whsec-test-" + "k" * 24
 QUERY_SECRET = "receiver-own-token-93f1"
@@ -431,8 +433,8 @@ def test_over_http_the_same_rules_and_the_same_delivery(
 ) -> None:
     from fastapi.testclient import TestClient
 
-    from worker import tokens
-    from worker.web.app import create_app
+    from worker.faces.web.app import create_app
+    from worker.store import tokens
 
     caplog.set_level(logging.INFO)
     with store.get_engine(notify_system).begin() as connection:

@@ -14,9 +14,8 @@ from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
 from sqlalchemy import text
 
-from worker import tokens
-from worker.store import get_engine
-from worker.web.app import create_app
+from worker.faces.web.app import create_app
+from worker.store import get_engine, tokens
 
 app = create_app()
 schema = schemathesis.openapi.from_asgi("/openapi.json", app).include(path_regex="^/v1/bookings")

@@ -21,10 +21,10 @@ import httpx
 import pytest
 
 from config.settings import Settings
-from worker import delivery
-from worker.outbound import OutboundRefused, check_url, is_public, pinned
-from worker.requests import InvalidRequest, ScheduleRequest, validate
-from worker.signing import receiver, shown_url, signature
+from worker.adapters.outbound import OutboundRefused, check_url, is_public, pinned
+from worker.adapters.signing import receiver, shown_url, signature
+from worker.jobs import delivery
+from worker.rules.validation import InvalidRequest, ScheduleRequest, validate
 
 SIGNED = Settings(notify_signing_secret="s" * 32)
 SIGNED_LOCAL = Settings(notify_signing_secret="s" * 32, outbound_allowed_hosts="127.0.0.1, hooks.internal")

@@ -15,9 +15,9 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.harness import BIN, ROOT, ProcessSystem, parse
-from worker.localredis import free_port
-from worker.sandbox import SandboxAdmin, SandboxServer
+from worker.devtools.harness import BIN, ROOT, ProcessSystem, parse
+from worker.devtools.localredis import free_port
+from worker.devtools.sandbox import SandboxAdmin, SandboxServer
 
 SECRET = "whsec-process-test"
 OVERRUN, GRACE = 6.0, 1.5

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from worker import rules
-from worker.models import MeetingState, RoomState
+from worker.rules import meetings
+from worker.store.models import MeetingState, RoomState
 
 S = MeetingState
 END = datetime(2096, 3, 1, 12, 0, tzinfo=UTC)
@@ -22,7 +22,7 @@ GRACE = timedelta(minutes=2)
 ROOM_ID = 7
 
 
-def meeting(state: MeetingState = S.READY, **fields: Any) -> rules.MeetingFacts:
+def meeting(state: MeetingState = S.READY, **fields: Any) -> meetings.MeetingFacts:
     values: dict[str, Any] = {
         "create_at": END - timedelta(hours=1),
         "room_end": END,
@@ -30,13 +30,13 @@ def meeting(state: MeetingState = S.READY, **fields: Any) -> rules.MeetingFacts:
         "overrun": OVERRUN,
     }
     values.update(fields)
-    return rules.MeetingFacts(state=state, **values)
+    return meetings.MeetingFacts(state=state, **values)
 
 
-def room(**fields: Any) -> rules.RoomFacts:
+def room(**fields: Any) -> meetings.RoomFacts:
     values: dict[str, Any] = {"id": ROOM_ID, "end_date": CAP, "due_at": END, "whereby_id": "4242"}
     values.update(fields)
-    return rules.RoomFacts(state=fields.pop("state", RoomState.LIVE), **values)
+    return meetings.RoomFacts(state=fields.pop("state", RoomState.LIVE), **values)
 
 
 # -- at the end -------------------------------------------------------------------------------
@@ -44,12 +44,12 @@ def room(**fields: Any) -> rules.RoomFacts:
 
 def test_an_empty_room_is_deleted_at_its_end() -> None:
     for participants in (None, 0):
-        change = rules.deletion_due(meeting(), room(participants=participants), END, webhooks=True)
+        change = meetings.deletion_due(meeting(), room(participants=participants), END, webhooks=True)
         assert change.act and change.state == S.DELETING and change.event is None
 
 
 def test_an_occupied_room_is_held_until_the_cap_and_says_overrunning() -> None:
-    change = rules.deletion_due(meeting(), room(participants=2), END, webhooks=True)
+    change = meetings.deletion_due(meeting(), room(participants=2), END, webhooks=True)
     assert not change.act and change.state is None
     assert change.room["due_at"] == CAP and change.room["overrun_since"] == END
     assert change.event == "room.overrunning"
@@ -58,18 +58,18 @@ def test_an_occupied_room_is_held_until_the_cap_and_says_overrunning() -> None:
 
 def test_overrunning_is_sent_once() -> None:
     held = room(participants=1, overrun_since=END, due_at=END + timedelta(minutes=5))
-    change = rules.deletion_due(meeting(), held, END + timedelta(minutes=5), webhooks=True)
+    change = meetings.deletion_due(meeting(), held, END + timedelta(minutes=5), webhooks=True)
     assert not change.act and change.event is None and change.room["overrun_since"] == END
 
 
 def test_the_cap_deletes_whoever_is_inside() -> None:
     held = room(participants=3, overrun_since=END, due_at=CAP)
-    change = rules.deletion_due(meeting(), held, CAP, webhooks=True)
+    change = meetings.deletion_due(meeting(), held, CAP, webhooks=True)
     assert change.act and change.state == S.DELETING
 
 
 def test_without_an_overrun_allowed_the_end_deletes_whoever_is_inside() -> None:
-    change = rules.deletion_due(meeting(overrun=timedelta(0)), room(participants=2), END, webhooks=True)
+    change = meetings.deletion_due(meeting(overrun=timedelta(0)), room(participants=2), END, webhooks=True)
     assert change.act
 
 
@@ -78,12 +78,12 @@ def test_a_retired_room_goes_at_once_even_with_people_inside(reason: str) -> Non
     state = S.CANCELLED if reason == "cancelled" else S.READY
     retired = room(participants=2, retired_reason=reason, due_at=END - timedelta(minutes=20))
     other = meeting(state, room_id=None if reason == "cancelled" else 99)
-    change = rules.deletion_due(other, retired, END - timedelta(minutes=20), webhooks=True)
+    change = meetings.deletion_due(other, retired, END - timedelta(minutes=20), webhooks=True)
     assert change.act
 
 
 def test_without_webhooks_the_end_asks_whereby_first() -> None:
-    change = rules.deletion_due(meeting(), room(), END, webhooks=False)
+    change = meetings.deletion_due(meeting(), room(), END, webhooks=False)
     assert change.act and change.probe and change.state is None
 
 
@@ -91,9 +91,9 @@ def test_without_webhooks_the_end_asks_whereby_first() -> None:
 
 
 def occupied(
-    count: int, at: datetime, current: rules.RoomFacts, m: rules.MeetingFacts | None = None
-) -> rules.Change:
-    return rules.occupancy_changed(m or meeting(), current, count, at, at, rejoin_grace=GRACE)
+    count: int, at: datetime, current: meetings.RoomFacts, m: meetings.MeetingFacts | None = None
+) -> meetings.Change:
+    return meetings.occupancy_changed(m or meeting(), current, count, at, at, rejoin_grace=GRACE)
 
 
 def test_first_in_and_last_out_send_occupied_and_empty() -> None:
@@ -151,9 +151,9 @@ def test_a_replaced_room_counts_but_sends_no_event() -> None:
 
 
 def probed(
-    ongoing: bool, last_ended: datetime | None, now: datetime, current: rules.RoomFacts
-) -> rules.Change:
-    return rules.session_probed(
+    ongoing: bool, last_ended: datetime | None, now: datetime, current: meetings.RoomFacts
+) -> meetings.Change:
+    return meetings.session_probed(
         meeting(),
         current,
         now,
@@ -189,7 +189,7 @@ def test_a_session_that_just_ended_in_an_overrun_waits_for_a_rejoin() -> None:
 
 
 def test_a_failed_probe_never_deletes_and_retries_within_the_cap() -> None:
-    change = rules.probe_failed(meeting(), room(), END, END + timedelta(hours=2), "ServerError")
+    change = meetings.probe_failed(meeting(), room(), END, END + timedelta(hours=2), "ServerError")
     assert not change.act and change.room["due_at"] == CAP
 
 
@@ -201,7 +201,7 @@ def test_a_reschedule_within_the_endDate_keeps_the_room_and_ends_the_overrun() -
     moved = meeting(room_end=new_end)
     # Covered: the room's endDate (made for a longer booking) is past the new end + the overrun.
     held = room(participants=2, overrun_since=END, due_at=CAP, end_date=END + timedelta(hours=2))
-    change = rules.rescheduled(moved, held, END, END + timedelta(minutes=5))
+    change = meetings.rescheduled(moved, held, END, END + timedelta(minutes=5))
     assert change.room == {"due_at": new_end, "overrun_since": None}
 
 
@@ -209,7 +209,7 @@ def test_a_reschedule_past_the_endDate_keeps_the_held_room_until_its_replacement
     now = END + timedelta(minutes=5)
     moved = meeting(room_end=END + timedelta(hours=2), create_at=now - timedelta(minutes=1))
     held = room(participants=2, overrun_since=END, due_at=CAP)
-    change = rules.rescheduled(moved, held, END, now)
+    change = meetings.rescheduled(moved, held, END, now)
     assert change.room["retired_reason"] == "replaced" and change.room["due_at"] == CAP
     assert change.state == S.SCHEDULED
 
@@ -218,7 +218,7 @@ def test_the_room_asked_for_covers_the_longest_overrun() -> None:
     assert meeting().end_date == CAP
     # A room whose endDate stops at the end does not serve a meeting that may overrun: replaced.
     short = room(end_date=END)
-    change = rules.rescheduled(
+    change = meetings.rescheduled(
         meeting(room_end=END + timedelta(minutes=1)), short, END, END - timedelta(hours=2)
     )
     assert change.room["retired_reason"] == "replaced"

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from worker.requests import (
+from worker.rules.validation import (
     MAX_METADATA_BYTES,
     BookingRef,
     InvalidRequest,

@@ -1,4 +1,4 @@
-"""Retention (worker/retention.py): what goes, what stays, in bounded batches, on SQLite and PostgreSQL.
+"""Retention (worker/jobs/retention.py): what goes, what stays, in bounded batches, on SQLite and PostgreSQL.
 
 Rows are written as the service would have left them, dated months back; `retention.prune` and
 `retention.preview` run as plain functions, `roomkeeper prune` through the CLI, and the figures are
@@ -24,11 +24,17 @@ from typer.testing import CliRunner
 
 from config.settings import get_settings
 from tests.conftest import BROKER, apply_settings
-from tests.harness import ProcessSystem, later, parse
 from tests.test_metrics import scrape, value
-from worker import booking, metrics, retention, store
-from worker.cli import cli
-from worker.models import (
+from worker import store
+from worker.adapters import metrics
+from worker.devtools.harness import ProcessSystem, later, parse
+from worker.devtools.sandbox import SandboxAdmin, SandboxServer
+from worker.faces.cli.main import cli
+from worker.faces.web.app import create_app
+from worker.jobs import booking, retention
+from worker.rules.validation import ScheduleRequest
+from worker.store import session_scope
+from worker.store.models import (
     DeliveryState,
     EventDelivery,
     History,
@@ -39,10 +45,6 @@ from worker.models import (
     RoomState,
     WebhookEvent,
 )
-from worker.requests import ScheduleRequest
-from worker.sandbox import SandboxAdmin, SandboxServer
-from worker.store import session_scope
-from worker.web.app import create_app
 
 NOW = datetime.now(UTC).replace(microsecond=0)
 DAY = timedelta(days=1)

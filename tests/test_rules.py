@@ -1,4 +1,4 @@
-"""Tests for the lifecycle rules (worker/lifecycle.py): pure functions, no broker, no database."""
+"""Tests for the lifecycle rules (worker/rules/lifecycle.py): pure functions, no broker, no database."""
 
 from __future__ import annotations
 
@@ -11,9 +11,11 @@ import httpx
 import pytest
 
 from config.settings import Settings
-from worker import deployment, lifecycle, whereby
-from worker.lifecycle import GiveUp, Retry
-from worker.requests import InvalidRequest, ScheduleRequest, validate
+from worker.adapters import whereby
+from worker.rules import lifecycle
+from worker.rules.lifecycle import GiveUp, Retry
+from worker.rules.validation import InvalidRequest, ScheduleRequest, validate
+from worker.store import deployment
 
 NOW = datetime(2096, 3, 1, 12, 0, tzinfo=UTC)
 FAR_END = NOW + timedelta(days=1)

@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from worker.sandbox import (
+from worker.devtools.sandbox import (
     TUNABLE,
     Sandbox,
     SandboxAdmin,

@@ -18,8 +18,8 @@ from typing import Any
 import httpx
 import pytest
 
-from worker.localredis import free_port
-from worker.sandbox import TUNABLE, Sandbox, SandboxAdmin, SandboxConfig, SandboxServer
+from worker.devtools.localredis import free_port
+from worker.devtools.sandbox import TUNABLE, Sandbox, SandboxAdmin, SandboxConfig, SandboxServer
 
 API_KEY = "test-key-webhooks"
 SECRET = "whsec-test-4b1d"

@@ -12,10 +12,10 @@ import httpx
 import pytest
 from celery.utils.log import ColorFormatter
 
-from tests.harness import ProcessSystem, later
-from worker.redact import install, redact
-from worker.sandbox import SandboxAdmin, SandboxServer
-from worker.whereby_errors import make_status_error
+from worker.adapters.redact import install, redact
+from worker.adapters.whereby_errors import make_status_error
+from worker.devtools.harness import ProcessSystem, later
+from worker.devtools.sandbox import SandboxAdmin, SandboxServer
 
 
 def test_redact_hides_the_key_and_keeps_the_rest() -> None:

@@ -305,7 +305,7 @@ def test_worker_and_beat_without_a_key_for_whereby_stop_at_start(tmp_path: Path,
     command = {"worker": ["worker", "--pool=solo"], "beat": ["beat", f"--pidfile={tmp_path / 'beat.pid'}"]}
     celery = str(Path(sys.executable).parent / "celery")
     done = subprocess.run(
-        [celery, "-A", "worker.app", *command[process], "--loglevel=WARNING"],
+        [celery, "-A", "worker.runtime.app", *command[process], "--loglevel=WARNING"],
         env=env,
         cwd=ROOT,
         capture_output=True,

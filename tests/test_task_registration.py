@@ -5,8 +5,8 @@ from __future__ import annotations
 from kombu.utils.imports import symbol_by_name
 
 from config.celery import RUN_AT_START, RUN_IN_BEAT
-from worker.app import app
-from worker.beat import InBeatScheduler
+from worker.runtime.app import app
+from worker.runtime.beat import InBeatScheduler
 
 EXPECTED_TASKS = {
     "rooms.schedule_meeting",

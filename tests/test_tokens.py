@@ -12,10 +12,9 @@ import pytest
 from sqlalchemy import text
 from sqlmodel import select
 
-from tests.harness import BIN, ROOT
-from worker import tokens
-from worker.models import ApiToken, utcnow
-from worker.store import get_engine, session_scope
+from worker.devtools.harness import BIN, ROOT
+from worker.store import get_engine, session_scope, tokens
+from worker.store.models import ApiToken, utcnow
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""The transitions of worker/rules.py as tables of state by input: no database, Celery or HTTP.
+"""The transitions of worker/rules/meetings.py as tables of state by input: no database, Celery or HTTP.
 
 Each table states what the contract (CONTRACT §2) asks for in every meeting state; the invariants
 at the end run every rule against every state and room shape.
@@ -14,8 +14,9 @@ import httpx
 import pytest
 
 from config.settings import Settings
-from worker import rules, whereby
-from worker.models import MeetingState, RoomState
+from worker.adapters import whereby
+from worker.rules import meetings
+from worker.store.models import MeetingState, RoomState
 
 S = MeetingState
 NOW = datetime(2096, 3, 1, 12, 0, tzinfo=UTC)
@@ -35,20 +36,20 @@ def settings(**overrides: Any) -> Settings:
     return Settings(**{"max_attempts": 4, "retry_base_seconds": 2.0, "retry_max_seconds": 60.0, **overrides})
 
 
-def meeting(state: MeetingState, **fields: Any) -> rules.MeetingFacts:
+def meeting(state: MeetingState, **fields: Any) -> meetings.MeetingFacts:
     values: dict[str, Any] = {"create_at": NOW - timedelta(minutes=15), "room_end": LATER, "due_at": None}
     if state in (S.READY, S.DELETING):
         values["room_id"] = ROOM_ID
     if state in (S.SCHEDULED, S.CREATING):
         values["due_at"] = NOW
     values.update(fields)
-    return rules.MeetingFacts(state=state, **values)
+    return meetings.MeetingFacts(state=state, **values)
 
 
-def room(state: RoomState = RoomState.LIVE, **fields: Any) -> rules.RoomFacts:
+def room(state: RoomState = RoomState.LIVE, **fields: Any) -> meetings.RoomFacts:
     values: dict[str, Any] = {"id": ROOM_ID, "end_date": LATER, "due_at": LATER, "whereby_id": "4242"}
     values.update(fields)
-    return rules.RoomFacts(state=state, **values)
+    return meetings.RoomFacts(state=state, **values)
 
 
 def error(status: int) -> whereby.WherebyError:
@@ -61,9 +62,9 @@ def error(status: int) -> whereby.WherebyError:
 
 @pytest.mark.parametrize("state", ALL)
 def test_cancelled(state: MeetingState) -> None:
-    change = rules.cancelled(meeting(state), room() if state in (S.READY, S.DELETING) else None, NOW)
+    change = meetings.cancelled(meeting(state), room() if state in (S.READY, S.DELETING) else None, NOW)
     if state in (S.ENDED, S.CANCELLED):
-        assert change == rules.NOTHING  # cancelling again is not an error, and changes nothing
+        assert change == meetings.NOTHING  # cancelling again is not an error, and changes nothing
         return
     assert change.state == S.CANCELLED
     assert change.meeting["due_at"] is None and change.meeting["claim_token"] is None
@@ -78,7 +79,7 @@ def test_cancelled(state: MeetingState) -> None:
 @pytest.mark.parametrize("state", ALL)
 def test_rescheduled_without_a_room(state: MeetingState) -> None:
     new_create = NOW + timedelta(minutes=5)
-    change = rules.rescheduled(meeting(state, create_at=new_create, room_id=None), None, LATER, NOW)
+    change = meetings.rescheduled(meeting(state, create_at=new_create, room_id=None), None, LATER, NOW)
     assert change.meeting["due_at"] == new_create and change.meeting["attempts"] == 0
     expected = {
         S.SCHEDULED: None,
@@ -98,7 +99,7 @@ def test_rescheduled_without_a_room(state: MeetingState) -> None:
 @pytest.mark.parametrize("covered", [True, False])
 def test_rescheduled_with_a_room(state: MeetingState, covered: bool) -> None:
     new_end = LATER - timedelta(minutes=10) if covered else LATER + timedelta(minutes=10)
-    change = rules.rescheduled(meeting(state, room_end=new_end, create_at=SOON), room(), LATER, NOW)
+    change = meetings.rescheduled(meeting(state, room_end=new_end, create_at=SOON), room(), LATER, NOW)
     if covered:  # the room and its URLs are kept; only its deletion moves
         assert change.room == {"due_at": new_end, "overrun_since": None}
         assert change.state == (S.READY if state == S.DELETING else None)
@@ -112,8 +113,8 @@ def test_rescheduled_with_a_room(state: MeetingState, covered: bool) -> None:
 
 @pytest.mark.parametrize("state", ALL)
 def test_retried_by_an_operator(state: MeetingState) -> None:
-    assert rules.retried(meeting(state), NOW).state == (S.SCHEDULED if state == S.FAILED else None)
-    over = rules.retried(meeting(state, room_end=PAST), NOW)
+    assert meetings.retried(meeting(state), NOW).state == (S.SCHEDULED if state == S.FAILED else None)
+    over = meetings.retried(meeting(state, room_end=PAST), NOW)
     assert over.state is None
     assert (over.note is not None) == (state == S.FAILED)
 
@@ -124,16 +125,16 @@ def test_retried_by_an_operator(state: MeetingState) -> None:
 
 @pytest.mark.parametrize("state", ALL)
 def test_creation_due(state: MeetingState) -> None:
-    change = rules.creation_due(meeting(state, due_at=NOW, attempts=2), NOW)
+    change = meetings.creation_due(meeting(state, due_at=NOW, attempts=2), NOW)
     if state in (S.SCHEDULED, S.CREATING):
         assert change.act and change.state == S.CREATING and change.meeting == {"attempts": 3}
     else:
-        assert not change.act and change.state is None and change.meeting == rules.RELEASE
+        assert not change.act and change.state is None and change.meeting == meetings.RELEASE
 
 
 @pytest.mark.parametrize("replacing", [False, True])
 def test_creation_due_after_the_end_makes_no_room(replacing: bool) -> None:
-    change = rules.creation_due(meeting(S.CREATING, room_end=PAST, replacing=replacing), NOW)
+    change = meetings.creation_due(meeting(S.CREATING, room_end=PAST, replacing=replacing), NOW)
     assert not change.act
     assert (change.state, change.event) == (
         (S.ENDED, "room.deleted") if replacing else (S.FAILED, "room.failed")
@@ -141,8 +142,8 @@ def test_creation_due_after_the_end_makes_no_room(replacing: bool) -> None:
 
 
 def test_creation_not_due_yet_lets_go() -> None:
-    change = rules.creation_due(meeting(S.SCHEDULED, due_at=NOW + timedelta(seconds=30)), NOW)
-    assert not change.act and change.meeting == rules.RELEASE
+    change = meetings.creation_due(meeting(S.SCHEDULED, due_at=NOW + timedelta(seconds=30)), NOW)
+    assert not change.act and change.meeting == meetings.RELEASE
 
 
 @pytest.mark.parametrize("state", ALL)
@@ -150,7 +151,7 @@ def test_creation_not_due_yet_lets_go() -> None:
 def test_room_made(state: MeetingState, replacing: bool) -> None:
     facts = meeting(state, room_id=None, replacing=replacing)
     made = room(RoomState.PENDING, due_at=None)
-    change = rules.room_made(facts, made, NOW, settings(), holds=True)
+    change = meetings.room_made(facts, made, NOW, settings(), holds=True)
     if state == S.CREATING:
         assert change.state == S.READY
         assert change.meeting["room_id"] == ROOM_ID and change.room["due_at"] == LATER
@@ -163,7 +164,7 @@ def test_room_made(state: MeetingState, replacing: bool) -> None:
 
 
 def test_room_made_for_a_late_finisher_changes_nothing() -> None:
-    change = rules.room_made(
+    change = meetings.room_made(
         meeting(S.CREATING), room(RoomState.PENDING), NOW, settings(), holds=False, taken_over=True
     )
     assert change.state is None and change.room == {} and change.meeting == {}
@@ -172,7 +173,7 @@ def test_room_made_for_a_late_finisher_changes_nothing() -> None:
 @pytest.mark.parametrize("attempts", [1, 4])
 def test_room_made_too_short_for_a_later_end(attempts: int) -> None:
     facts = meeting(S.CREATING, room_end=LATER + timedelta(minutes=5), attempts=attempts)
-    change = rules.room_made(facts, room(RoomState.PENDING), NOW, settings(), holds=True)
+    change = meetings.room_made(facts, room(RoomState.PENDING), NOW, settings(), holds=True)
     assert change.room["retired_reason"] == "replaced" and change.room["due_at"] == NOW
     if attempts < 4:
         assert change.state is None and change.meeting["due_at"] == NOW  # make another now
@@ -182,21 +183,25 @@ def test_room_made_too_short_for_a_later_end(attempts: int) -> None:
 
 @pytest.mark.parametrize(("status", "gives_up"), [(400, True), (403, True), (503, False), (429, False)])
 def test_create_failed(status: int, gives_up: bool) -> None:
-    change = rules.create_failed(meeting(S.CREATING, attempts=1), error(status), NOW, settings(), holds=True)
+    change = meetings.create_failed(
+        meeting(S.CREATING, attempts=1), error(status), NOW, settings(), holds=True
+    )
     if gives_up:  # sending the same request again cannot help
         assert change.state == S.FAILED and change.event == "room.failed"
         assert change.meeting["due_at"] is None
     else:
         assert change.state is None and change.meeting["due_at"] > NOW
     assert change.meeting["attempts"] == (0 if status == 429 else 1)  # a 429 is not the meeting's fault
-    assert not rules.create_failed(meeting(S.CREATING), error(status), NOW, settings(), holds=False).meeting
+    assert not meetings.create_failed(
+        meeting(S.CREATING), error(status), NOW, settings(), holds=False
+    ).meeting
 
 
 @pytest.mark.parametrize("state", [s for s in ALL if s != S.CREATING])
 def test_create_failed_after_the_meeting_moved_on_only_lets_go(state: MeetingState) -> None:
     """Rescheduled (back to scheduled) or cancelled during the call: its own due instant stands."""
-    change = rules.create_failed(meeting(state), error(503), NOW, settings(), holds=True)
-    assert change.state is None and change.meeting == rules.RELEASE and change.event is None
+    change = meetings.create_failed(meeting(state), error(503), NOW, settings(), holds=True)
+    assert change.state is None and change.meeting == meetings.RELEASE and change.event is None
 
 
 # --------------------------------------------------------------------------------------------
@@ -205,18 +210,18 @@ def test_create_failed_after_the_meeting_moved_on_only_lets_go(state: MeetingSta
 
 @pytest.mark.parametrize("state", ALL)
 def test_deletion_due(state: MeetingState) -> None:
-    change = rules.deletion_due(meeting(state, room_id=ROOM_ID), room(due_at=NOW), NOW)
+    change = meetings.deletion_due(meeting(state, room_id=ROOM_ID), room(due_at=NOW), NOW)
     assert change.act
     assert change.state == (S.DELETING if state == S.READY else None)
-    skipped = rules.deletion_due(meeting(state), room(RoomState.DELETED, due_at=NOW), NOW)
-    assert not skipped.act and skipped.room == rules.RELEASE
+    skipped = meetings.deletion_due(meeting(state), room(RoomState.DELETED, due_at=NOW), NOW)
+    assert not skipped.act and skipped.room == meetings.RELEASE
 
 
 @pytest.mark.parametrize("state", ALL)
 @pytest.mark.parametrize("current", [True, False])
 def test_room_deleted(state: MeetingState, current: bool) -> None:
     facts = meeting(state, room_id=ROOM_ID if current else None)
-    change = rules.room_deleted(facts, room(due_at=NOW), NOW, existed=True)
+    change = meetings.room_deleted(facts, room(due_at=NOW), NOW, existed=True)
     assert change.room["state"] == RoomState.DELETED
     if not current:  # a replaced or unwanted room: the meeting is not concerned
         assert change.state is None and change.event is None and change.meeting == {}
@@ -226,13 +231,13 @@ def test_room_deleted(state: MeetingState, current: bool) -> None:
 
 
 def test_room_deleted_just_before_a_reschedule_is_replaced() -> None:
-    change = rules.room_deleted(meeting(S.READY), room(due_at=LATER), NOW, existed=True)
+    change = meetings.room_deleted(meeting(S.READY), room(due_at=LATER), NOW, existed=True)
     assert change.state == S.CREATING and change.meeting["replacing"] is True
     assert change.meeting["due_at"] == NOW and change.event is None
 
 
 def test_delete_failed_is_retried_for_ever() -> None:
-    change = rules.delete_failed(meeting(S.DELETING), room(), 50, error(503), NOW, settings(), holds=True)
+    change = meetings.delete_failed(meeting(S.DELETING), room(), 50, error(503), NOW, settings(), holds=True)
     assert change.room["attempts"] == 51 and change.room["due_at"] > NOW
     assert change.state is None and change.event is None
 
@@ -244,7 +249,7 @@ def test_delete_failed_is_retried_for_ever() -> None:
 @pytest.mark.parametrize("state", ALL)
 @pytest.mark.parametrize("end", [LATER, PAST])
 def test_room_lost(state: MeetingState, end: datetime) -> None:
-    change = rules.room_lost(meeting(state, room_id=ROOM_ID, room_end=end), room(), NOW)
+    change = meetings.room_lost(meeting(state, room_id=ROOM_ID, room_end=end), room(), NOW)
     assert change.room["state"] == RoomState.DELETED and change.meeting["room_id"] is None
     if state in (S.READY, S.DELETING):
         assert (change.state, change.event) == (
@@ -257,7 +262,7 @@ def test_room_lost(state: MeetingState, end: datetime) -> None:
 
 @pytest.mark.parametrize("state", ALL)
 def test_attempt_adopted(state: MeetingState) -> None:
-    change = rules.attempt_adopted(meeting(state, room_id=None), room(RoomState.PENDING), NOW, settings())
+    change = meetings.attempt_adopted(meeting(state, room_id=None), room(RoomState.PENDING), NOW, settings())
     if state == S.CREATING:
         assert change.state == S.READY and change.why.startswith("reconciler adopted room")
     else:
@@ -270,7 +275,7 @@ def test_attempt_adopted(state: MeetingState) -> None:
 EVENTS = {None, "room.ready", "room.replaced", "room.deleted", "room.failed"}
 
 
-def every_change() -> list[tuple[str, MeetingState, rules.Change]]:
+def every_change() -> list[tuple[str, MeetingState, meetings.Change]]:
     out = []
     rooms = [room(s, due_at=d) for s in RoomState for d in (None, NOW, LATER)]
     facts = [
@@ -282,22 +287,22 @@ def every_change() -> list[tuple[str, MeetingState, rules.Change]]:
     ]
     config = settings()
     for m in facts:
-        out.append(("cancelled", m.state, rules.cancelled(m, None, NOW)))
-        out.append(("retried", m.state, rules.retried(m, NOW)))
-        out.append(("creation_due", m.state, rules.creation_due(m, NOW)))
-        out.append(("rescheduled", m.state, rules.rescheduled(m, None, LATER, NOW)))
+        out.append(("cancelled", m.state, meetings.cancelled(m, None, NOW)))
+        out.append(("retried", m.state, meetings.retried(m, NOW)))
+        out.append(("creation_due", m.state, meetings.creation_due(m, NOW)))
+        out.append(("rescheduled", m.state, meetings.rescheduled(m, None, LATER, NOW)))
         for status in (400, 503):
             out.append(
-                ("create_failed", m.state, rules.create_failed(m, error(status), NOW, config, holds=True))
+                ("create_failed", m.state, meetings.create_failed(m, error(status), NOW, config, holds=True))
             )
         for r in rooms:
-            out.append(("cancelled", m.state, rules.cancelled(m, r, NOW)))
-            out.append(("rescheduled", m.state, rules.rescheduled(m, r, LATER, NOW)))
-            out.append(("room_made", m.state, rules.room_made(m, r, NOW, config, holds=True)))
-            out.append(("deletion_due", m.state, rules.deletion_due(m, r, NOW)))
-            out.append(("room_deleted", m.state, rules.room_deleted(m, r, NOW, existed=True)))
-            out.append(("room_lost", m.state, rules.room_lost(m, r, NOW)))
-            out.append(("attempt_adopted", m.state, rules.attempt_adopted(m, r, NOW, config)))
+            out.append(("cancelled", m.state, meetings.cancelled(m, r, NOW)))
+            out.append(("rescheduled", m.state, meetings.rescheduled(m, r, LATER, NOW)))
+            out.append(("room_made", m.state, meetings.room_made(m, r, NOW, config, holds=True)))
+            out.append(("deletion_due", m.state, meetings.deletion_due(m, r, NOW)))
+            out.append(("room_deleted", m.state, meetings.room_deleted(m, r, NOW, existed=True)))
+            out.append(("room_lost", m.state, meetings.room_lost(m, r, NOW)))
+            out.append(("attempt_adopted", m.state, meetings.attempt_adopted(m, r, NOW, config)))
     return out
 
 

@@ -20,7 +20,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import BROKER, wait_for
-from worker.localredis import free_port
+from worker.devtools.localredis import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 ROOMKEEPER = str(Path(sys.executable).with_name("roomkeeper"))

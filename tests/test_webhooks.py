@@ -22,10 +22,10 @@ from sqlalchemy import func
 from sqlmodel import select
 
 from tests.conftest import Events, apply_settings, call, iso, parse, soon, wait_for
-from worker.models import WebhookEvent
-from worker.sandbox import SandboxAdmin
+from worker.devtools.sandbox import SandboxAdmin
+from worker.faces.web.app import create_app
 from worker.store import session_scope
-from worker.web.app import create_app
+from worker.store.models import WebhookEvent
 
 SECRET = "whsec_test_secret"
 OVERRUN = {

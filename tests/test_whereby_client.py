@@ -10,8 +10,8 @@ from typing import Any
 import httpx
 import pytest
 
-from worker import whereby
-from worker.whereby import (
+from worker.adapters import whereby
+from worker.adapters.whereby import (
     APIConnectionError,
     APITimeoutError,
     AuthenticationError,
@@ -584,12 +584,12 @@ def test_one_debug_line_per_attempt(caplog: pytest.LogCaptureFixture) -> None:
     script = Script(error(502), ok(MEETING_JSON))
 
     with (
-        caplog.at_level(logging.DEBUG, logger="worker.whereby"),
+        caplog.at_level(logging.DEBUG, logger="worker.adapters.whereby"),
         client_for(script) as client,
     ):
         client.get_meeting("9")
 
-    lines = [r.getMessage() for r in caplog.records if r.name == "worker.whereby"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "worker.adapters.whereby"]
     assert len(lines) == 2
     assert "GET /meetings/9" in lines[0] and "502" in lines[0]
     assert "GET /meetings/9" in lines[1] and "200" in lines[1]

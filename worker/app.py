@@ -1,69 +1,7 @@
-"""The Celery application: configured from the settings, with the tasks of `tasks/`."""
+"""The Celery app under the name the Procfile and docker-compose give it (`celery -A worker.app`).
 
-from __future__ import annotations
+The app itself lives in `worker/runtime/app.py`; this name stays so deployments keep working."""
 
-import logging
-from typing import Any
+from worker.runtime.app import app
 
-from celery import Celery
-from celery.signals import (
-    after_setup_logger,
-    after_setup_task_logger,
-    beat_init,
-    worker_init,
-    worker_process_init,
-    worker_ready,
-)
-
-from config.celery import celery_config
-from config.settings import get_settings
-from worker import celery_fixes, redact, runtime
-
-celery_fixes.install()
-
-app = Celery(
-    "roomkeeper",
-    include=[
-        "tasks.meetings",
-        "tasks.rooms",
-        "tasks.scheduled",
-        "tasks.webhooks",
-        "tasks.events",
-        "tasks.feeds",
-    ],
-)
-app.config_from_object(celery_config(get_settings()))
-# The consumer lets go of the room messages it holds when it stops or loses the broker.
-app.steps["consumer"].add("tasks.rooms:HeldMessages")
-
-
-@worker_init.connect
-@beat_init.connect
-def _whereby_key_at_start(**_: Any) -> None:
-    # The worker and beat call Whereby: without its key they stop now, naming WHEREBY_API_KEY,
-    # instead of failing every call. Importing the app (Flower, the read-only CLI) needs no key.
-    get_settings().require_whereby_key()
-
-
-@after_setup_logger.connect
-@after_setup_task_logger.connect
-def _redact_room_keys(logger: logging.Logger, **_: Any) -> None:
-    # Celery logs each task's result, and a meeting view carries the host room key.
-    redact.install(logger)
-
-
-@worker_process_init.connect
-def _fresh_connections(**_: Any) -> None:
-    # A forked pool child must not reuse the parent's connections, threads or locks.
-    runtime.reset(settings=False)
-
-
-@worker_ready.connect
-def _dispatch_at_start(**_: Any) -> None:
-    # Work that fell due while nothing ran goes out now, not one interval after start-up. Beat
-    # does the same in-process (worker.beat, `run_at_start`); a worker sends it as one task, run
-    # by its pool like any other: one row in Flower per worker start, not per tick.
-    app.send_task("rooms.dispatch_due", queue=get_settings().queue)
-
-
-logging.getLogger("httpx").setLevel(logging.WARNING)
+__all__ = ["app"]

@@ -1,0 +1,1 @@
+"""Reading calendars: ICS over HTTP, CalDAV, and their expansion into occurrences, bounded."""

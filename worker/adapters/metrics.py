@@ -1,0 +1,543 @@
+"""Operational metrics (CONTRACT §4.1): recorded by workers into Redis, read by any `web` process.
+
+Workers count their Whereby calls and deletion lags into two Redis hashes on the broker, so every
+`web` process (stateless, as many as you like) exports the same figures without Prometheus's
+multiprocess mode. Everything else is read at scrape time: a few aggregate queries over the store
+and the shared point budget's window. Recording never raises: a metric is not worth a lost room.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import redis
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+from sqlalchemy import Connection, Engine, case, create_engine, event, func, select, text
+from sqlalchemy.engine import make_url
+from sqlmodel import col
+
+from config.settings import get_settings
+from worker import store
+from worker.adapters import budget, whereby
+from worker.runtime import resources
+from worker.store.models import (
+    TERMINAL_STATES,
+    EventDelivery,
+    Meeting,
+    MeetingState,
+    Room,
+    RoomState,
+    utcnow,
+)
+
+log = logging.getLogger(__name__)
+
+CALLS_KEY = "roomkeeper:metrics:whereby-calls"  # field "operation|status" -> count
+LAG_KEY = "roomkeeper:metrics:deletion-lag"  # field per bucket bound, "sum" and "count"
+# budget.Budget's own keys (a test keeps them in step).
+BUDGET_WINDOW_KEY = "roomkeeper:budget:window"
+BUDGET_PAUSED_KEY = "roomkeeper:budget:paused"
+# Deletions are due to the second; most land within a second, a 429 or an outage pushes them out.
+LAG_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0, math.inf)
+# Events to notify URLs (worker/jobs/delivery.py): each attempt's outcome, and how long after its event
+# each delivered one arrived. A receiver that was down waits out the backoff (capped at 5 minutes)
+# and the retry window (ROOMKEEPER_NOTIFY_RETRY_HOURS, at most a week): the buckets reach a day.
+DELIVERIES_KEY = "roomkeeper:metrics:event-deliveries"  # field per outcome -> count
+DELIVERY_LATENCY_KEY = "roomkeeper:metrics:event-delivery-latency"  # per bucket bound, "sum", "count"
+DELIVERY_OUTCOMES = ("delivered", "retrying", "undelivered")
+# Retention (worker/jobs/retention.py): rows removed per table ("removed|TABLE", added batch by batch,
+# so a long run shows its progress) and the last complete run ("last_finished" as a Unix time,
+# "last_seconds", "last_removed").
+PRUNE_KEY = "roomkeeper:metrics:prune"
+PRUNED_TABLES = ("meeting", "room", "history", "outbox", "event_delivery", "webhook_event")
+# Counting the bookings waiting to be pruned stops here: the figure's cost stays bounded when a
+# large store is first pruned (it is then reported as at least this).
+PRUNE_BACKLOG_CAP = 100_000
+DELIVERY_BUCKETS = (
+    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 21600.0, 86400.0, math.inf
+)  # fmt: skip
+# How long a check or a scrape may wait for the database or Redis.
+TIMEOUT_SECONDS = 2.0
+
+
+def _bound(value: float) -> str:
+    return "+Inf" if math.isinf(value) else repr(value)
+
+
+# --------------------------------------------------------------------------------------------
+# Per-process connections: one Redis client (recording and reading) and one read-only engine.
+
+_lock = threading.Lock()
+_redis: redis.Redis | None = None
+_engine: Engine | None = None
+
+
+def _client() -> redis.Redis:
+    global _redis
+    with _lock:
+        if _redis is None:
+            _redis = redis.Redis.from_url(
+                get_settings().broker_url,
+                socket_timeout=TIMEOUT_SECONDS,
+                socket_connect_timeout=TIMEOUT_SECONDS,
+                # One try: a worker's task must not wait out redis-py's retries for a metric, and
+                # a readiness check wants the answer of now.
+                retry=Retry(NoBackoff(), 0),
+            )
+        return _redis
+
+
+def _read_engine() -> Engine:
+    """An engine for reads with short timeouts, apart from the workers' own.
+
+    The store's SQLite engine takes the write lock at BEGIN (see store.py): a scrape or a readiness
+    check must not queue behind writers for that, and on PostgreSQL neither may wait for minutes on
+    an unreachable server.
+    """
+    global _engine
+    with _lock:
+        if _engine is None:
+            url = store.sqlalchemy_url(get_settings().database_url)
+            if url.startswith("sqlite"):
+                _engine = create_engine(
+                    url, connect_args={"timeout": TIMEOUT_SECONDS, "check_same_thread": False}
+                )
+
+                @event.listens_for(_engine, "connect")
+                def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+                    dbapi_connection.isolation_level = None  # plain reads, no BEGIN: WAL readers never wait
+
+            else:
+                seconds = math.ceil(TIMEOUT_SECONDS)
+                # Added to the URL's own options (a search_path, say), which connect_args would replace.
+                options = make_url(url).query.get("options") or ""
+                if not isinstance(options, str):
+                    options = " ".join(options)
+                _engine = create_engine(
+                    url,
+                    pool_pre_ping=True,
+                    pool_size=2,
+                    max_overflow=2,
+                    pool_timeout=TIMEOUT_SECONDS,
+                    connect_args={
+                        "connect_timeout": seconds,
+                        "options": f"{options} -c statement_timeout={seconds * 1000}".strip(),
+                    },
+                )
+        return _engine
+
+
+@resources.on_reset("metrics connections")
+def _reset() -> None:
+    global _redis, _engine, _lock
+    # Dropped, not closed: a forked child must not shut what its parent still uses.
+    _redis, _engine = None, None
+    _lock = threading.Lock()
+
+
+# --------------------------------------------------------------------------------------------
+# Recording, in the workers.
+
+
+def operation(call: whereby.CallRecord) -> str:
+    """create / get / list / delete / insights, from the call's method and path."""
+    if call.path.startswith("/insights"):
+        return "insights"
+    if call.path.startswith("/meetings"):
+        if call.method == "POST":
+            return "create"
+        if call.method == "DELETE":
+            return "delete"
+        if call.method == "GET":
+            return "get" if call.path.startswith("/meetings/") else "list"
+    return call.method.lower()
+
+
+def outcome(call: whereby.CallRecord) -> str:
+    """The HTTP status Whereby answered, else the error class (APIConnectionError, ...)."""
+    if call.status is not None:
+        return str(call.status)
+    return call.error or "error"
+
+
+def record_calls(calls: Iterable[whereby.CallRecord]) -> None:
+    """Count Whereby calls by operation and status (one Redis round trip; never raises)."""
+    try:
+        counts = Counter(f"{operation(call)}|{outcome(call)}" for call in calls)
+        if not counts:
+            return
+        pipe = _client().pipeline(transaction=False)
+        for field, n in counts.items():
+            pipe.hincrby(CALLS_KEY, field, n)
+        pipe.execute()
+    except Exception as exc:
+        log.debug("Whereby calls not counted: %s", type(exc).__name__)
+
+
+def _observe(pipe: Any, key: str, buckets: tuple[float, ...], seconds: float) -> None:
+    """Queue one histogram observation (its bucket, sum and count) on a pipeline."""
+    seconds = max(0.0, float(seconds))
+    bucket = next(b for b in buckets if seconds <= b)
+    pipe.hincrby(key, _bound(bucket), 1)
+    pipe.hincrbyfloat(key, "sum", seconds)
+    pipe.hincrby(key, "count", 1)
+
+
+def observe_deletion_lag(seconds: float) -> None:
+    """Record how late a room's deletion was against its due instant (one round trip; never raises)."""
+    try:
+        pipe = _client().pipeline(transaction=True)
+        _observe(pipe, LAG_KEY, LAG_BUCKETS, seconds)
+        pipe.execute()
+    except Exception as exc:
+        log.debug("deletion lag not recorded: %s", type(exc).__name__)
+
+
+def observe_delivery(outcome: str, latency: float | None = None) -> None:
+    """Count one attempt to deliver an event to a notify URL by its outcome (delivered, retrying:
+    failed and tried again later, undelivered: given up) and, once delivered, how long after the
+    event it arrived. One round trip, after the attempt's transaction committed; never raises."""
+    try:
+        pipe = _client().pipeline(transaction=True)
+        pipe.hincrby(DELIVERIES_KEY, outcome, 1)
+        if latency is not None:
+            _observe(pipe, DELIVERY_LATENCY_KEY, DELIVERY_BUCKETS, latency)
+        pipe.execute()
+    except Exception as exc:
+        log.debug("event delivery not counted: %s", type(exc).__name__)
+
+
+def record_pruned(removed: dict[str, int]) -> None:
+    """Add one prune batch's rows removed, per table (one round trip; never raises)."""
+    try:
+        pipe = _client().pipeline(transaction=True)
+        for table, count in removed.items():
+            pipe.hincrby(PRUNE_KEY, f"removed|{table}", count)
+        pipe.execute()
+    except Exception as exc:
+        log.debug("pruned rows not counted: %s", type(exc).__name__)
+
+
+def record_prune_run(finished: float, seconds: float, removed: int) -> None:
+    """Note a complete prune run: when it finished (Unix time), how long it took, rows removed."""
+    try:
+        _client().hset(
+            PRUNE_KEY, mapping={"last_finished": finished, "last_seconds": seconds, "last_removed": removed}
+        )
+    except Exception as exc:
+        log.debug("prune run not recorded: %s", type(exc).__name__)
+
+
+# --------------------------------------------------------------------------------------------
+# Health checks and reads, in `web`.
+
+
+def describe(error: BaseException) -> str:
+    """One line about a failure for an HTTP answer or a log: no URL, password or secret in it."""
+    cause = getattr(error, "orig", None) or error  # SQLAlchemy wraps the driver's error
+    first = (str(cause).strip().splitlines() or [""])[0]
+    settings = get_settings()
+    for url in (settings.database_url, settings.broker_url, settings.backend_url):
+        first = first.replace(url, "[url]")
+        try:
+            password = urlsplit(url).password
+        except ValueError:
+            password = None
+        if password:
+            first = first.replace(password, "[redacted]")
+    first = first[:200]
+    name = type(cause).__name__
+    return f"{name}: {first}" if first else name
+
+
+def _connect() -> Connection:
+    """A connection for reads. A SQLite file that is not there is an error, not created empty."""
+    url = store.sqlalchemy_url(get_settings().database_url)
+    if url.startswith("sqlite"):
+        database = make_url(url).database or ":memory:"
+        on_disk = database != ":memory:" and not database.startswith("file:")
+        if on_disk and not Path(database).exists():
+            raise FileNotFoundError("no database file (run `roomkeeper migrate`)")
+    return _read_engine().connect()
+
+
+def read_connection() -> Connection:
+    """A connection for reads that never takes SQLite's write lock (see _read_engine)."""
+    return _connect()
+
+
+def check_database() -> None:
+    """Raise unless the store answers a query on the migrated schema."""
+    with _connect() as connection:
+        connection.execute(text("SELECT 1"))
+        connection.execute(select(col(Meeting.id)).limit(1))  # a store that was never migrated is not ready
+
+
+def check_redis() -> None:
+    """Raise unless the broker answers PING."""
+    if not _client().ping():
+        raise redis.ConnectionError("no PONG")
+
+
+# The share of the 60 s window spent so far, and how long a pause (after a 429 or 401) still
+# holds every worker back, on Redis's own clock as budget.py keeps them.
+_BUDGET_READ = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local used = 0
+for _, member in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. (now - tonumber(ARGV[1])), '+inf')) do
+  used = used + tonumber(string.match(member, ':(%d+)$'))
+end
+local paused = tonumber(redis.call('GET', KEYS[2]) or '0')
+return {used, math.max(0, paused - now)}
+"""
+
+
+@dataclass
+class StoreFigures:
+    meetings: dict[str, int]
+    rooms_live: int
+    rooms_overrunning: int
+    oldest_overdue: float
+    events_pending: int = 0
+    oldest_undelivered: float = 0.0
+    prune_backlog: int | None = None  # None: retention is off
+
+
+@dataclass
+class RedisFigures:
+    calls: dict[tuple[str, str], int]
+    lag: dict[str, float]
+    points_spent: int
+    paused_ms: int
+    deliveries: dict[str, int] = field(default_factory=dict)
+    delivery_latency: dict[str, float] = field(default_factory=dict)
+    prune: dict[str, float] = field(default_factory=dict)
+
+
+def read_store(now: datetime | None = None) -> StoreFigures:
+    """Two aggregate queries: meetings by state (over the state index) and the live rooms."""
+    now = now or utcnow()
+    meetings = {state.value: 0 for state in MeetingState}
+    live = col(Room.state) == RoomState.LIVE
+    with _connect() as connection:
+        for state, count in connection.execute(
+            select(col(Meeting.state), func.count()).group_by(col(Meeting.state))
+        ):
+            meetings[str(state)] = int(count)
+        row = connection.execute(
+            select(
+                func.count(),
+                func.count(col(Room.overrun_since)),
+                func.min(case((col(Room.due_at) < now, col(Room.due_at)))),
+            ).where(live)
+        ).one()
+        # Events still waiting for their notify URL: the pending rows only, a partial index's worth.
+        pending, oldest_event = connection.execute(
+            select(func.count(), func.min(col(EventDelivery.created_at))).where(
+                col(EventDelivery.pending).is_(True)
+            )
+        ).one()
+        backlog = None
+        days = get_settings().retention_days
+        if days > 0:
+            # Finished meetings past retention (a range scan of ix_meeting_state_end per state),
+            # counted up to the cap: what the next prune has to do.
+            waiting = (
+                select(col(Meeting.id))
+                .where(
+                    col(Meeting.state).in_(sorted(TERMINAL_STATES)),
+                    col(Meeting.end) < now - timedelta(days=days),
+                )
+                .limit(PRUNE_BACKLOG_CAP)
+                .subquery()
+            )
+            backlog = int(connection.execute(select(func.count()).select_from(waiting)).scalar_one())
+    oldest_due: datetime | None = row[2]
+    overdue = max(0.0, (now - oldest_due).total_seconds()) if oldest_due is not None else 0.0
+    waited = max(0.0, (now - oldest_event).total_seconds()) if oldest_event is not None else 0.0
+    return StoreFigures(meetings, int(row[0]), int(row[1]), overdue, int(pending), waited, backlog)
+
+
+def read_redis() -> RedisFigures:
+    """The workers' counters and the point budget's window, in one round trip."""
+    client = _client()
+    script = client.register_script(_BUDGET_READ)
+    pipe = client.pipeline(transaction=False)
+    pipe.hgetall(CALLS_KEY)
+    pipe.hgetall(LAG_KEY)
+    script(keys=[BUDGET_WINDOW_KEY, BUDGET_PAUSED_KEY], args=[budget.WINDOW_MS], client=pipe)
+    pipe.hgetall(DELIVERIES_KEY)
+    pipe.hgetall(DELIVERY_LATENCY_KEY)
+    pipe.hgetall(PRUNE_KEY)
+    raw_calls, raw_lag, (spent, paused_ms), raw_deliveries, raw_latency, raw_prune = pipe.execute()
+    calls: dict[tuple[str, str], int] = {}
+    for name, value in raw_calls.items():
+        op, _, status = name.decode().partition("|")
+        calls[(op, status)] = int(value)
+    lag = {name.decode(): float(value) for name, value in raw_lag.items()}
+    deliveries = {name.decode(): int(value) for name, value in raw_deliveries.items()}
+    latency = {name.decode(): float(value) for name, value in raw_latency.items()}
+    prune = {name.decode(): float(value) for name, value in raw_prune.items()}
+    return RedisFigures(calls, lag, int(spent), int(paused_ms), deliveries, latency, prune)
+
+
+class RoomkeeperCollector(Collector):
+    """Builds every `roomkeeper_` metric afresh at each scrape."""
+
+    def collect(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily(
+            "roomkeeper_metrics_source_up",
+            "1 when the scrape could read this source (database, redis), else 0 and its metrics are left out",
+            labels=["source"],
+        )
+        try:
+            figures = read_store()
+        except Exception as error:
+            log.warning("metrics: the database did not answer: %s", describe(error))
+            up.add_metric(["database"], 0)
+        else:
+            up.add_metric(["database"], 1)
+            yield from self._store_metrics(figures)
+        try:
+            counters = read_redis()
+        except Exception as error:
+            log.warning("metrics: Redis did not answer: %s", describe(error))
+            up.add_metric(["redis"], 0)
+        else:
+            up.add_metric(["redis"], 1)
+            yield from self._redis_metrics(counters)
+        yield up
+
+    @staticmethod
+    def _store_metrics(figures: StoreFigures) -> Iterator[Metric]:
+        meetings = GaugeMetricFamily(
+            "roomkeeper_meetings", "Meetings in the store by state", labels=["state"]
+        )
+        for state, count in figures.meetings.items():
+            meetings.add_metric([state], count)
+        yield meetings
+        yield GaugeMetricFamily("roomkeeper_rooms_live", "Whereby rooms live now", value=figures.rooms_live)
+        yield GaugeMetricFamily(
+            "roomkeeper_rooms_overrunning",
+            "Live rooms kept past their meeting's end because people are still inside",
+            value=figures.rooms_overrunning,
+        )
+        yield GaugeMetricFamily(
+            "roomkeeper_oldest_overdue_deletion_seconds",
+            "How long the live room most overdue for deletion has been due (0 when none is)",
+            value=figures.oldest_overdue,
+        )
+        yield GaugeMetricFamily(
+            "roomkeeper_events_pending",
+            "Events to notify URLs not yet delivered nor given up",
+            value=figures.events_pending,
+        )
+        yield GaugeMetricFamily(
+            "roomkeeper_oldest_undelivered_event_seconds",
+            "Age of the oldest event to a notify URL not yet delivered nor given up (0 when none waits)",
+            value=figures.oldest_undelivered,
+        )
+        if figures.prune_backlog is not None:  # left out with retention off
+            yield GaugeMetricFamily(
+                "roomkeeper_prune_backlog_meetings",
+                f"Finished meetings past ROOMKEEPER_RETENTION_DAYS still stored (counted up to "
+                f"{PRUNE_BACKLOG_CAP})",
+                value=figures.prune_backlog,
+            )
+
+    @staticmethod
+    def _redis_metrics(counters: RedisFigures) -> Iterator[Metric]:
+        limit = get_settings().api_points_per_minute
+        if limit > 0:  # with the limiter off (0) there is no budget to report
+            yield GaugeMetricFamily(
+                "roomkeeper_whereby_points_left",
+                "Whereby points left in the current 60 s window of the shared budget",
+                value=max(0, limit - counters.points_spent),
+            )
+        yield GaugeMetricFamily(
+            "roomkeeper_whereby_paused_seconds",
+            "How long every worker still holds its Whereby calls after a 429 or 401 (0 when none)",
+            value=counters.paused_ms / 1000,
+        )
+        calls = CounterMetricFamily(
+            "roomkeeper_whereby_calls",
+            "Whereby API calls (each HTTP attempt) by operation and status or error class",
+            labels=["operation", "status"],
+        )
+        for (op, status), count in sorted(counters.calls.items()):
+            calls.add_metric([op, status], count)
+        yield calls
+        yield _histogram(
+            "roomkeeper_deletion_lag_seconds",
+            "How long after its due instant each room was deleted",
+            LAG_BUCKETS,
+            counters.lag,
+        )
+        deliveries = CounterMetricFamily(
+            "roomkeeper_event_deliveries",
+            "Attempts to deliver events to notify URLs by outcome: delivered, retrying (failed, tried "
+            "again later), undelivered (given up)",
+            labels=["outcome"],
+        )
+        for name in DELIVERY_OUTCOMES:  # every outcome listed, zeros included
+            deliveries.add_metric([name], counters.deliveries.get(name, 0))
+        yield deliveries
+        yield _histogram(
+            "roomkeeper_event_delivery_latency_seconds",
+            "How long after its event each delivered event was answered 2xx by its notify URL",
+            DELIVERY_BUCKETS,
+            counters.delivery_latency,
+        )
+        pruned = CounterMetricFamily(
+            "roomkeeper_pruned_rows",
+            "Rows removed by retention, per table, as each batch commits",
+            labels=["table"],
+        )
+        for table in PRUNED_TABLES:
+            pruned.add_metric([table], counters.prune.get(f"removed|{table}", 0))
+        yield pruned
+        if "last_finished" in counters.prune:  # left out until a prune has run
+            yield GaugeMetricFamily(
+                "roomkeeper_prune_last_run_timestamp_seconds",
+                "When the last complete prune run finished (Unix time)",
+                value=counters.prune["last_finished"],
+            )
+            yield GaugeMetricFamily(
+                "roomkeeper_prune_last_run_seconds",
+                "How long the last complete prune run took",
+                value=counters.prune.get("last_seconds", 0.0),
+            )
+            yield GaugeMetricFamily(
+                "roomkeeper_prune_last_run_rows",
+                "Rows the last complete prune run removed",
+                value=counters.prune.get("last_removed", 0.0),
+            )
+
+
+def _histogram(
+    name: str, documentation: str, bounds: tuple[float, ...], recorded: dict[str, float]
+) -> HistogramMetricFamily:
+    """A histogram from a Redis hash of per-bucket counts and "sum" (see _observe)."""
+    cumulative, buckets = 0.0, []
+    for bound in bounds:
+        cumulative += recorded.get(_bound(bound), 0.0)
+        buckets.append((_bound(bound), cumulative))
+    return HistogramMetricFamily(name, documentation, buckets=buckets, sum_value=recorded.get("sum", 0.0))

@@ -1,1 +1,0 @@
-"""Calendar feeds (CONTRACT §5): ICS URLs and CalDAV calendars whose events become bookings."""

@@ -1,0 +1,1 @@
+"""One module per job: load from the store, ask the rules, apply."""

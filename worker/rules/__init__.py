@@ -1,0 +1,1 @@
+"""Pure decisions: the lifecycle, overrun, retry and validation rules. No I/O, no clock, no random."""

@@ -1,0 +1,1 @@
+"""The processes' machinery: the Celery app, beat, the pool, and the per-process resources."""
