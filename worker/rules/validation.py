@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -30,8 +31,32 @@ MAX_URL_LENGTH = 2000
 M = TypeVar("M", bound="BaseModel")
 
 
+# One broken rule: (field, rule). The field is dotted (`room.room_mode`, `metadata.notes.0`), or ""
+# for a rule about the call as a whole ("arguments must be sent as keyword arguments ...").
+FieldRule = tuple[str, str]
+
+
+def describe(problems: Sequence[FieldRule]) -> str:
+    """The text callers read (CONTRACT §2.6): `field: rule; field: rule`."""
+    return "; ".join(f"{field}: {rule}" if field else rule for field, rule in problems)
+
+
 class InvalidRequest(ValueError):
-    """A call broke a rule of the contract; the message names the field and the rule."""
+    """A call broke rules of the contract: `problems` names each (field, rule).
+
+    Its message (`args`) is only `describe(problems)`, so that Celery hands callers that text, and
+    rebuilds the error on their side from it alone (`InvalidRequest(message)`, no `problems`).
+    """
+
+    problems: tuple[FieldRule, ...]
+
+    def __init__(self, problems: Sequence[FieldRule] | str) -> None:
+        if isinstance(problems, str):  # rebuilt from its message: the pairs did not travel
+            super().__init__(problems)
+            self.problems = ()
+        else:
+            super().__init__(describe(problems))
+            self.problems = tuple(problems)
 
 
 # Characters the store cannot keep as text, on either database: PostgreSQL's text types refuse NUL
@@ -175,7 +200,7 @@ class Notify(_Request):
             raise ValueError('must be {"task": NAME, "queue": QUEUE} or {"url": "https://..."}')
         for name in ("task", "queue"):
             if getattr(self, name) is None:
-                raise PydanticCustomError("sub_field", "{rule}", {"field": name, "rule": "is required"})
+                raise _field_error(name, "is required")
         context = info.context or {}
         if context.get("over_http"):
             # An HTTP caller must not make the service send Celery messages of its choosing to a
@@ -183,16 +208,10 @@ class Notify(_Request):
             settings: Settings = context.get("settings") or get_settings()
             assert self.task is not None and self.queue is not None
             if not settings.http_notify_allowed(self.task, self.queue):
-                raise PydanticCustomError(
-                    "sub_field",
-                    "{rule}",
-                    {
-                        "field": "task",
-                        "rule": (
-                            "a notify task is not accepted over HTTP: give a notify URL, or ask the "
-                            "operator to list the task in ROOMKEEPER_HTTP_NOTIFY_TASKS"
-                        ),
-                    },
+                raise _field_error(
+                    "task",
+                    "a notify task is not accepted over HTTP: give a notify URL, or ask the "
+                    "operator to list the task in ROOMKEEPER_HTTP_NOTIFY_TASKS",
                 )
         return self
 
@@ -251,9 +270,9 @@ class ScheduleRequest(_Request):
     def _times(self, info: ValidationInfo) -> ScheduleRequest:
         now: datetime = (info.context or {}).get("now") or datetime.now(UTC)
         if self.end <= self.start:
-            raise InvalidRequestField("end", "must be after start")
+            raise _field_error("end", "must be after start")
         if self.end <= now:
-            raise InvalidRequestField("end", "must be in the future")
+            raise _field_error("end", "must be in the future")
         return self
 
 
@@ -263,11 +282,9 @@ class BookingRef(_Request):
     booking_id: Annotated[StrictStr, Field(min_length=1, max_length=200)]
 
 
-class InvalidRequestField(ValueError):
-    """Raised inside a model validator to blame one field by name."""
-
-    def __init__(self, field: str, rule: str) -> None:
-        super().__init__(f"{field}: {rule}")
+def _field_error(field: str, rule: str) -> PydanticCustomError:
+    """Raised inside a model validator to blame one of the model's fields by name (see `problems`)."""
+    return PydanticCustomError("sub_field", "{rule}", {"field": field, "rule": rule})
 
 
 _PREFIX = re.compile(r"^(Value error|Assertion failed), ")
@@ -279,10 +296,9 @@ def _name(part: Any) -> str:
     return repr(text) if unstorable(text) else text
 
 
-def problems(exc: ValidationError) -> list[tuple[str, str]]:
-    """(field, rule) for every broken rule; field is dotted (`room.room_mode`, `metadata.notes.0`),
-    or "" for a rule whose message names its fields itself (`end: must be after start`)."""
-    found: list[tuple[str, str]] = []
+def problems(exc: ValidationError) -> list[FieldRule]:
+    """(field, rule) for every broken rule, the field dotted (`room.room_mode`, `metadata.notes.0`)."""
+    found: list[FieldRule] = []
     for error in exc.errors():
         loc = [_name(part) for part in error["loc"]]
         if error["type"] == "unstorable_text":
@@ -301,15 +317,16 @@ def problems(exc: ValidationError) -> list[tuple[str, str]]:
     return found
 
 
-def _describe(field: str, rule: str) -> str:
-    return f"{field}: {rule}" if field else rule
+def parse(model: type[M], data: Any, **context: Any) -> M:
+    """Build `model` from `data`, or raise InvalidRequest naming every broken rule."""
+    try:
+        return model.model_validate(data, context=context)
+    except ValidationError as exc:
+        raise InvalidRequest(problems(exc)) from None
 
 
 def validate(model: type[M], args: tuple[Any, ...], kwargs: dict[str, Any], **context: Any) -> M:
-    """Build `model` from a task call's arguments or raise InvalidRequest naming every bad field."""
+    """Build `model` from a task call's arguments, or raise InvalidRequest naming every broken rule."""
     if args:
-        raise InvalidRequest("arguments must be sent as keyword arguments (kwargs), not positionally")
-    try:
-        return model.model_validate(kwargs, context=context)
-    except ValidationError as exc:
-        raise InvalidRequest("; ".join(_describe(field, rule) for field, rule in problems(exc))) from None
+        raise InvalidRequest([("", "arguments must be sent as keyword arguments (kwargs), not positionally")])
+    return parse(model, kwargs, **context)

@@ -7,6 +7,7 @@ you like behind a proxy.
 from __future__ import annotations
 
 from fastapi import FastAPI
+from fastapi.responses import JSONResponse
 
 from worker.faces.web import problems
 
@@ -21,6 +22,10 @@ def create_app() -> FastAPI:
         summary="Whereby rooms for bookings: created ahead of each meeting, deleted when it is over.",
         docs_url=None,  # served by worker/faces/web/docs.py from local files, not a CDN
         redoc_url=None,
+        # Named, not left to FastAPI's default, which writes a response model with pydantic's own
+        # JSON writer: that one writes some numbers of a caller's metadata otherwise than the json
+        # module always has (1e100 for 1e+100). Named, the answer is the model's, by json.dumps.
+        default_response_class=JSONResponse,
     )
     problems.install(app)
     docs.install(app)

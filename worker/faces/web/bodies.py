@@ -12,24 +12,17 @@ import json
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from worker.faces.web.problems import bad_input, problem
+from worker.faces.web.problems import Refused
+from worker.rules.validation import InvalidRequest
 
 # Deeper than any body the service takes (metadata included) and far below Python's recursion limit.
 MAX_DEPTH = 32
 
 
-class Refused(Exception):
-    """The body was refused; `response` is the answer."""
-
-    def __init__(self, response: JSONResponse) -> None:
-        self.response = response
-
-
 def _too_large(limit: int) -> Refused:
-    return Refused(problem(413, "Payload Too Large", f"the body is larger than {limit} bytes"))
+    return Refused(413, "Payload Too Large", f"the body is larger than {limit} bytes")
 
 
 def declared_too_large(request: Request, limit: int) -> bool:
@@ -86,7 +79,8 @@ def parse_json(raw: bytes) -> Any:
 
 
 async def json_object(request: Request, limit: int) -> dict[str, Any]:
-    """The body as a JSON object, read with `read` and parsed with `parse_json`."""
+    """The body as a JSON object, read with `read` and parsed with `parse_json`; InvalidRequest
+    (`body`) if it is not one."""
     raw = await read(request, limit)
     try:
         # A large body takes tens of milliseconds to parse: not on the event loop.
@@ -98,7 +92,7 @@ async def json_object(request: Request, limit: int) -> dict[str, Any]:
             if deep
             else "must be a JSON object (this body is not valid JSON)"
         )
-        raise Refused(bad_input([("body", rule)])) from None
+        raise InvalidRequest([("body", rule)]) from None
     if not isinstance(data, dict):
-        raise Refused(bad_input([("body", "must be a JSON object")]))
+        raise InvalidRequest([("body", "must be a JSON object")])
     return data

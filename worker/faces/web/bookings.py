@@ -16,18 +16,17 @@ import json
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Path, Query, Request
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 from starlette.concurrency import run_in_threadpool
 
 from config.settings import get_settings
 from worker.faces.web import bodies
 from worker.faces.web.auth import UNAUTHORIZED, require_token
-from worker.faces.web.problems import MEDIA_TYPE, RESPONSES, FieldProblem, Problem, bad_input, problem
+from worker.faces.web.problems import MEDIA_TYPE, RESPONSES, FieldProblem, Problem
 from worker.jobs import batch, booking
 from worker.rules.lifecycle import fmt
-from worker.rules.validation import BookingRef, ScheduleRequest
+from worker.rules.validation import BookingRef, InvalidRequest, ScheduleRequest, parse
 from worker.store.models import MeetingState
 
 router = APIRouter(prefix="/v1/bookings", tags=["bookings"], dependencies=[Depends(require_token)])
@@ -37,7 +36,11 @@ MAX_BODY = 8 * 1024 * 1024
 
 
 # --------------------------------------------------------------------------------------------
-# Shapes of the answers (the OpenAPI document's; the views themselves come from worker/store/journal.py).
+# Shapes of the answers (the views themselves come from worker/store/journal.py). An instant is the
+# view's own text, passed through as it is (`fmt`: milliseconds only when there are some): read as a
+# datetime, the model would write it again with microseconds.
+
+Instant = Annotated[str, WithJsonSchema({"type": "string", "format": "date-time"})]
 
 
 class RoomView(BaseModel):
@@ -46,12 +49,12 @@ class RoomView(BaseModel):
     room_url: str | None
     host_room_url: str | None
     viewer_room_url: str | None
-    end_date: datetime | None
+    end_date: Instant | None
 
 
 class OccupancyView(BaseModel):
     participants: int
-    since: datetime | None
+    since: Instant | None
 
 
 class MeetingView(BaseModel):
@@ -61,14 +64,14 @@ class MeetingView(BaseModel):
 
     booking_id: str
     state: MeetingState
-    start: datetime
-    end: datetime
+    start: Instant
+    end: Instant
     room: RoomView | None
     occupancy: OccupancyView | None = None
     metadata: dict[str, Any]
     last_error: str | None
-    created_at: datetime
-    updated_at: datetime
+    created_at: Instant
+    updated_at: Instant
 
 
 class BookingPage(BaseModel):
@@ -77,7 +80,7 @@ class BookingPage(BaseModel):
 
 
 class HistoryEntry(BaseModel):
-    at: datetime
+    at: Instant
     kind: str = Field(description="state | whereby | event | note (more may be added)")
     action: str
     outcome: str
@@ -186,10 +189,7 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 
 # --------------------------------------------------------------------------------------------
-# Helpers.
-
-
-_Refused = bodies.Refused
+# Helpers. An error is raised, never answered here: problems.install maps each to problem+json.
 
 
 async def _json_object(request: Request) -> dict[str, Any]:
@@ -198,15 +198,7 @@ async def _json_object(request: Request) -> dict[str, Any]:
 
 
 def _ref(booking_id: str) -> str:
-    try:
-        return BookingRef.model_validate({"booking_id": booking_id}).booking_id
-    except ValidationError as exc:
-        raise _Refused(bad_input(batch.named_problems(exc))) from None
-
-
-def _unknown(error: booking.UnknownBooking) -> JSONResponse:
-    field, _, rule = str(error).partition(": ")
-    return problem(404, "Not Found", str(error), [(field, rule)])
+    return parse(BookingRef, {"booking_id": booking_id}).booking_id
 
 
 def _encode_cursor(key: tuple[datetime, int]) -> str:
@@ -226,7 +218,7 @@ def _decode_cursor(cursor: str) -> tuple[datetime, int]:
             raise ValueError(cursor)
         return at, pk
     except (ValueError, TypeError, binascii.Error, UnicodeDecodeError):
-        raise _Refused(bad_input([("cursor", "is not a cursor this service gave out")])) from None
+        raise InvalidRequest([("cursor", "is not a cursor this service gave out")]) from None
 
 
 def _schedule(request: ScheduleRequest) -> tuple[dict[str, Any], bool]:
@@ -257,13 +249,10 @@ async def list_bookings(
     state: Annotated[MeetingState | None, Query(description="only bookings in this state")] = None,
     limit: Annotated[int, Query(ge=1, le=500, description="at most this many (1 to 500)")] = 100,
     cursor: Annotated[str | None, Query(description="the `cursor` of the previous page")] = None,
-) -> JSONResponse:
-    try:
-        after = _decode_cursor(cursor) if cursor is not None else None
-    except _Refused as refused:
-        return refused.response
+) -> dict[str, Any]:
+    after = _decode_cursor(cursor) if cursor is not None else None
     views, last = await run_in_threadpool(booking.list_page, state, limit, after)
-    return JSONResponse({"results": views, "cursor": _encode_cursor(last) if last else None})
+    return {"results": views, "cursor": _encode_cursor(last) if last else None}
 
 
 @router.post(
@@ -278,17 +267,10 @@ async def list_bookings(
     responses=_errors(413),
     openapi_extra=_body(_batch_schema(), BATCH_EXAMPLE),
 )
-async def schedule_batch(request: Request) -> JSONResponse:
-    try:
-        data = await _json_object(request)
-    except _Refused as refused:
-        return refused.response
-    try:
-        parsed = batch.ScheduleBatch.model_validate(data)
-    except ValidationError as exc:
-        return bad_input(batch.named_problems(exc))
+async def schedule_batch(request: Request) -> dict[str, Any]:
+    parsed = parse(batch.ScheduleBatch, await _json_object(request))
     results = await run_in_threadpool(lambda: batch.schedule_many(parsed.bookings, over_http=True))
-    return JSONResponse({"results": results})
+    return {"results": results}
 
 
 @router.get(
@@ -297,14 +279,8 @@ async def schedule_batch(request: Request) -> JSONResponse:
     response_model=list[HistoryEntry],
     responses=_errors(404),
 )
-async def booking_history(booking_id: BookingId) -> JSONResponse:
-    try:
-        ref = _ref(booking_id)
-        return JSONResponse(await run_in_threadpool(_history, ref))
-    except _Refused as refused:
-        return refused.response
-    except booking.UnknownBooking as error:
-        return _unknown(error)
+async def booking_history(booking_id: BookingId) -> list[dict[str, Any]]:
+    return await run_in_threadpool(_history, _ref(booking_id))
 
 
 @router.put(
@@ -318,22 +294,18 @@ async def booking_history(booking_id: BookingId) -> JSONResponse:
     },
     openapi_extra=_body(_put_schema(), EXAMPLE),
 )
-async def put_booking(booking_id: BookingId, request: Request) -> JSONResponse:
-    try:
-        data = await _json_object(request)
-    except _Refused as refused:
-        return refused.response
+async def put_booking(booking_id: BookingId, request: Request, response: Response) -> dict[str, Any]:
+    data = await _json_object(request)
     if "booking_id" in data and data["booking_id"] != booking_id:
-        return bad_input([("booking_id", "must be the booking_id of the path (or left out)")])
+        raise InvalidRequest([("booking_id", "must be the booking_id of the path (or left out)")])
     data["booking_id"] = booking_id
-    try:
-        schedule = ScheduleRequest.model_validate(
-            data, context={"caller_prefix_max": get_settings().caller_prefix_max, "over_http": True}
-        )
-    except ValidationError as exc:
-        return bad_input(batch.named_problems(exc))
+    schedule = parse(
+        ScheduleRequest, data, caller_prefix_max=get_settings().caller_prefix_max, over_http=True
+    )
     view, created = await run_in_threadpool(_schedule, schedule)
-    return JSONResponse(view, status_code=201 if created else 200)
+    if not created:
+        response.status_code = 200
+    return view
 
 
 @router.get(
@@ -342,13 +314,8 @@ async def put_booking(booking_id: BookingId, request: Request) -> JSONResponse:
     response_model=MeetingView,
     responses=_errors(404),
 )
-async def get_booking(booking_id: BookingId) -> JSONResponse:
-    try:
-        return JSONResponse(await run_in_threadpool(booking.get_meeting, _ref(booking_id)))
-    except _Refused as refused:
-        return refused.response
-    except booking.UnknownBooking as error:
-        return _unknown(error)
+async def get_booking(booking_id: BookingId) -> dict[str, Any]:
+    return await run_in_threadpool(booking.get_meeting, _ref(booking_id))
 
 
 @router.delete(
@@ -357,10 +324,5 @@ async def get_booking(booking_id: BookingId) -> JSONResponse:
     response_model=MeetingView,
     responses=_errors(404),
 )
-async def cancel_booking(booking_id: BookingId) -> JSONResponse:
-    try:
-        return JSONResponse(await run_in_threadpool(booking.cancel_meeting, _ref(booking_id)))
-    except _Refused as refused:
-        return refused.response
-    except booking.UnknownBooking as error:
-        return _unknown(error)
+async def cancel_booking(booking_id: BookingId) -> dict[str, Any]:
+    return await run_in_threadpool(booking.cancel_meeting, _ref(booking_id))

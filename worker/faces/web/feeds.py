@@ -12,15 +12,14 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Query, Request
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from worker.faces.web import bodies
 from worker.faces.web.auth import UNAUTHORIZED, require_token
-from worker.faces.web.problems import MEDIA_TYPE, RESPONSES, Problem, bad_input, problem
+from worker.faces.web.problems import MEDIA_TYPE, RESPONSES, Problem
 from worker.jobs.feeds import registry, sync
-from worker.rules.validation import problems
+from worker.rules.validation import InvalidRequest, parse
 
 router = APIRouter(
     prefix="/v1/feeds", tags=["feeds"], dependencies=[Depends(require_token)], responses=UNAUTHORIZED
@@ -52,22 +51,6 @@ class FeedBody(BaseModel):
     caldav: bool = Field(default=False, description="read the URL as a CalDAV calendar")
 
 
-def _errors(exc: registry.FeedError) -> list[tuple[str, str]]:
-    found = []
-    for part in str(exc).split("; "):
-        field, _, rule = part.partition(": ")
-        found.append((field, rule) if rule else ("", field))
-    return found
-
-
-def _refused(exc: registry.FeedError) -> JSONResponse:
-    if isinstance(exc, registry.UnknownFeed):
-        return problem(404, "Not found", str(exc))
-    if "exists already" in str(exc) or isinstance(exc, registry.FeedLimit):
-        return problem(409, "Conflict", str(exc), _errors(exc))
-    return bad_input(_errors(exc))
-
-
 @router.get("", summary="every feed, with its last poll")
 async def list_feeds() -> dict[str, Any]:
     return {"results": await run_in_threadpool(registry.list_feeds)}
@@ -94,12 +77,9 @@ def _feed_schema() -> dict[str, Any]:
 )
 async def create_feed(request: Request) -> Any:
     # Read here, after the router's token check, rather than by FastAPI before it.
-    try:
-        data = await bodies.json_object(request, MAX_BODY)
-    except bodies.Refused as refused:
-        return refused.response
+    data = await bodies.json_object(request, MAX_BODY)
     if "password_env" in data:
-        return bad_input(
+        raise InvalidRequest(
             [
                 (
                     "password_env",
@@ -108,36 +88,20 @@ async def create_feed(request: Request) -> Any:
                 )
             ]
         )
-    try:
-        body = FeedBody.model_validate(data)
-    except ValidationError as exc:
-        return bad_input(problems(exc))
-    spec = registry.FeedSpec(**body.model_dump())
-    try:
-        return await run_in_threadpool(lambda: registry.add_feed(spec, over_http=True))
-    except registry.FeedError as exc:
-        return _refused(exc)
+    spec = registry.FeedSpec(**parse(FeedBody, data).model_dump())
+    return await run_in_threadpool(lambda: registry.add_feed(spec, over_http=True))
 
 
 @router.get("/{name}", summary="one feed: its last polls, outcome, changes and bookings")
 async def show_feed(name: FeedName) -> Any:
-    try:
-        return await run_in_threadpool(registry.show_feed, name)
-    except registry.FeedError as exc:
-        return _refused(exc)
+    return await run_in_threadpool(registry.show_feed, name)
 
 
 @router.delete("/{name}", summary="remove a feed; its bookings not yet ended are cancelled")
 async def remove_feed(name: FeedName) -> Any:
-    try:
-        return await run_in_threadpool(registry.remove_feed, name)
-    except registry.FeedError as exc:
-        return _refused(exc)
+    return await run_in_threadpool(registry.remove_feed, name)
 
 
 @router.post("/{name}/sync", summary="poll the feed now")
 async def sync_feed(name: FeedName, force: Annotated[bool, Query()] = False) -> Any:
-    try:
-        return await run_in_threadpool(lambda: sync.sync_feed(name, force=force))
-    except registry.FeedError as exc:
-        return _refused(exc)
+    return await run_in_threadpool(lambda: sync.sync_feed(name, force=force))

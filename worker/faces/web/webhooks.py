@@ -11,12 +11,12 @@ import logging
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from config.settings import get_settings
 from worker.faces.web import bodies
-from worker.faces.web.problems import MEDIA_TYPE, Problem, problem
+from worker.faces.web.problems import MEDIA_TYPE, Problem, Refused
 from worker.jobs import occupancy
 from worker.runtime.app import app
 from worker.store.models import utcnow
@@ -42,6 +42,11 @@ def _receive(event: occupancy.Event) -> bool:
     return stored
 
 
+class WebhookReceived(BaseModel):
+    received: str = Field(description="the event's id")
+    duplicate: bool = Field(description="true: this event had been received already (nothing changed)")
+
+
 _ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": Problem, "content": {MEDIA_TYPE: {}}, "description": text}
     for status, text in (
@@ -58,28 +63,16 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     summary="Receive Whereby's webhooks (room.client.joined / left, room.session.started / ended)",
     responses=_ERRORS,
 )
-async def whereby_webhook(request: Request) -> JSONResponse:
+async def whereby_webhook(request: Request) -> WebhookReceived:
+    # occupancy's BadSignature (401) and BadEvent (400) are answered by problems.install.
     secret = get_settings().whereby_webhook_secret
     if secret is None:
-        return problem(404, "Not Found", "webhooks are not configured here")
+        raise Refused(404, "Not Found", "webhooks are not configured here")
     header = request.headers.get("Whereby-Signature")
-    try:
-        # The header's shape first: a caller without one is refused before any byte is read.
-        occupancy.signature_fields(header)
-    except occupancy.BadSignature as error:
-        return problem(401, "Unauthorized", str(error))
-    try:
-        raw = await bodies.read(request, MAX_BODY)
-    except bodies.Refused as refused:
-        return refused.response
-    try:
-        occupancy.verify(raw, header, secret.get_secret_value(), utcnow())
-    except occupancy.BadSignature as error:
-        return problem(401, "Unauthorized", str(error))
-    try:
-        event = occupancy.parse(raw)
-    except occupancy.BadEvent as error:
-        field, _, rule = str(error).partition(": ")
-        return problem(400, "Bad Request", str(error), [(field, rule)])
+    # The header's shape first: a caller without one is refused before any byte is read.
+    occupancy.signature_fields(header)
+    raw = await bodies.read(request, MAX_BODY)
+    occupancy.verify(raw, header, secret.get_secret_value(), utcnow())
+    event = occupancy.parse(raw)
     stored = await run_in_threadpool(_receive, event)
-    return JSONResponse({"received": event.id, "duplicate": not stored})
+    return WebhookReceived(received=event.id, duplicate=not stored)
