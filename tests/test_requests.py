@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -14,6 +15,7 @@ from worker.rules.validation import (
     BookingRef,
     InvalidRequest,
     ScheduleRequest,
+    describe,
     problems,
     validate,
 )
@@ -530,3 +532,39 @@ def test_problems_give_field_and_rule_pairs() -> None:
         ("colour", "unknown field"),
         ("metadata.n.0", "must not contain the NUL character (U+0000)"),
     ]
+
+
+def test_invalid_request_carries_its_pairs_and_travels_as_the_contracts_text() -> None:
+    # The HTTP face reads the pairs; a Celery caller gets the text alone (the error's only arg), and
+    # rebuilds the error from it as Celery does (`cls(*args)`), pickled or not.
+    with pytest.raises(InvalidRequest) as caught:
+        schedule(colour="red", room={"room_mode": "x"})
+    error = caught.value
+    assert sorted(error.problems) == [
+        ("colour", "unknown field"),
+        ("room.room_mode", "Input should be 'normal' or 'group'"),
+    ]
+    assert error.args == (describe(error.problems),)
+    assert "colour: unknown field" in str(error) and "room.room_mode: Input should be" in str(error)
+    for rebuilt in (type(error)(*error.args), pickle.loads(pickle.dumps(error))):
+        assert type(rebuilt) is InvalidRequest and str(rebuilt) == str(error)
+
+
+def test_a_rule_about_one_field_names_that_field_not_its_text() -> None:
+    # `end: must be after start` is a model's rule: it comes out as its own pair, not as text the
+    # HTTP face would have to split again.
+    with pytest.raises(ValidationError) as caught:
+        ScheduleRequest.model_validate({**EXAMPLE, "end": EXAMPLE["start"]})
+    assert problems(caught.value) == [("end", "must be after start")]
+    with pytest.raises(InvalidRequest) as refused:
+        schedule(end="2000-01-01T00:00:00Z", start="1999-01-01T00:00:00Z")
+    assert refused.value.problems == (("end", "must be in the future"),)
+    assert str(refused.value) == "end: must be in the future"
+
+
+def test_positional_arguments_are_a_rule_about_the_whole_call() -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        validate(BookingRef, ("booking-8812",), {})
+    rule = "arguments must be sent as keyword arguments (kwargs), not positionally"
+    assert caught.value.problems == (("", rule),)
+    assert str(caught.value) == rule

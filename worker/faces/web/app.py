@@ -24,7 +24,7 @@ def create_app() -> FastAPI:
         redoc_url=None,
         # Named, not left to FastAPI's default, which writes a response model with pydantic's own
         # JSON writer: that one writes some numbers of a caller's metadata otherwise than the json
-        # module always has (1e100 for 1e+100). Named, the answer is the model's, by json.dumps.
+        # module always has (1e-7 for 1e-07). Named, the answer is the model's, by json.dumps.
         default_response_class=JSONResponse,
     )
     problems.install(app)
