@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from worker.faces.cli.common import _cells, _logging, console
+from worker.faces.cli.common import _cells, _logging, console, refusals
 
 feeds_cli = typer.Typer(no_args_is_help=True, help="Calendar feeds (ICS URLs, CalDAV calendars) as bookings.")
 
@@ -28,11 +28,8 @@ def _feed_json(text: str | None, field: str) -> Any:
 def _feed_call(call: Any, *args: Any, **kwargs: Any) -> Any:
     from worker.jobs.feeds import registry
 
-    try:
+    with refusals(registry.FeedError):
         return call(*args, **kwargs)
-    except registry.FeedError as exc:
-        print(exc, file=sys.stderr)
-        raise typer.Exit(1) from None
 
 
 @feeds_cli.command("add")

@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from worker.faces.cli.common import _cells, console
+from worker.faces.cli.common import _cells, console, refusals
 from worker.rules.lifecycle import fmt
 
 tokens_cli = typer.Typer(
@@ -22,11 +22,8 @@ def tokens_create(name: Annotated[str, typer.Argument(help="1-100 characters of 
     """Make a token and print it, once: the store keeps only its SHA-256."""
     from worker.store import tokens
 
-    try:
+    with refusals(tokens.TokenError):
         token = tokens.create(name)
-    except tokens.TokenError as exc:
-        print(exc, file=sys.stderr)
-        raise typer.Exit(1) from None
     # The token alone on stdout (TOKEN=$(roomkeeper tokens create app) works); the advice on stderr.
     print(token)
     print(
