@@ -1,4 +1,9 @@
-"""The tasks other applications send by name (CONTRACT §2): schedule, cancel and read a meeting."""
+"""The tasks other applications send by name (CONTRACT §2): schedule, cancel and read a meeting.
+
+A caller's mistake fails the task with InvalidRequest, whose one argument is its text
+(`field: rule; field: rule`, §2.6): that text is all Celery hands the caller. It is named in
+`throws`: an expected outcome, logged without a traceback.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +11,6 @@ from typing import Any
 
 from config.settings import get_settings
 from worker.jobs import batch, booking
-
-# `throws`: a caller's mistake is an expected outcome, logged without a traceback.
 from worker.rules.validation import BookingRef, InvalidRequest, ScheduleRequest, validate
 from worker.runtime.app import app
 

@@ -3,9 +3,10 @@
 Thin like the tasks: each route checks the bearer token (`require_token`), validates the body with
 the very model the Celery tasks use (`worker.rules.validation.ScheduleRequest`, so the rules and their
 messages are the same), calls the same domain function in a worker thread (they block on the
-store), and shapes the answer. Bodies are read and validated here rather than by FastAPI, so that
-every refusal names its field exactly as `rooms.schedule_meeting` would; the OpenAPI document
-still describes them (`openapi_extra`, from the same models).
+store), and returns what its response model describes. Bodies are read and validated here rather
+than by FastAPI, so that every refusal names its field exactly as `rooms.schedule_meeting` would;
+the OpenAPI document still describes them (`openapi_extra`, from the same models). Refusals are
+raised (InvalidRequest, UnknownBooking, Refused) and answered by worker/faces/web/problems.py.
 """
 
 from __future__ import annotations
