@@ -8,6 +8,7 @@ caller reads, so that the models and the handlers cannot change them unnoticed.
 from __future__ import annotations
 
 import ast
+import contextlib
 import inspect
 import json
 from collections.abc import Iterator
@@ -17,9 +18,11 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import text
 
+from tests.conftest import apply_settings
 from worker.faces.web import bookings, feeds, webhooks
 from worker.faces.web.app import create_app
 from worker.jobs import booking
+from worker.jobs.feeds import registry
 from worker.store import get_engine, tokens
 
 START, END = "2099-12-01T09:00:00Z", "2099-12-01T09:45:00.123Z"
@@ -173,3 +176,25 @@ def test_routes_neither_catch_errors_nor_build_responses(module: Any) -> None:
     for route in routes:
         assert not [node for node in ast.walk(route) if isinstance(node, ast.Try)], route.name
         assert "JSONResponse" not in ast.unparse(route), route.name
+
+
+def test_a_feed_over_http_is_the_registrys_view(web: TestClient, auth: dict[str, str]) -> None:
+    apply_settings(ROOMKEEPER_OUTBOUND_ALLOWED_HOSTS="127.0.0.1")
+    try:
+        new = {"name": "face-1", "url": "http://127.0.0.1:9/a.ics", "room": {"room_mode": "group"}}
+        added = web.post("/v1/feeds", json=new, headers=auth)
+        assert added.status_code == 201, added.text
+        shown = registry.show_feed("face-1")
+        assert added.content == as_written({k: v for k, v in shown.items() if k not in DETAIL})
+        assert web.get("/v1/feeds/face-1", headers=auth).content == as_written(shown)
+        listed = web.get("/v1/feeds", headers=auth).content
+        assert listed == as_written({"results": registry.list_feeds()})
+        removed = web.delete("/v1/feeds/face-1", headers=auth)
+        assert removed.content == as_written({"name": "face-1", "removed": True, "cancelled": 0})
+    finally:
+        with contextlib.suppress(registry.UnknownFeed):
+            registry.remove_feed("face-1")
+        apply_settings(ROOMKEEPER_OUTBOUND_ALLOWED_HOSTS=None)
+
+
+DETAIL = ("limits", "history", "bookings")

@@ -18,13 +18,14 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
-from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from config.settings import get_settings
 from worker.faces.web import bodies
 from worker.faces.web.auth import UNAUTHORIZED, require_token
 from worker.faces.web.problems import MEDIA_TYPE, RESPONSES, FieldProblem, Problem
+from worker.faces.web.shapes import Instant
 from worker.jobs import batch, booking
 from worker.rules.lifecycle import fmt
 from worker.rules.validation import BookingRef, InvalidRequest, ScheduleRequest, parse
@@ -37,11 +38,7 @@ MAX_BODY = 8 * 1024 * 1024
 
 
 # --------------------------------------------------------------------------------------------
-# Shapes of the answers (the views themselves come from worker/store/journal.py). An instant is the
-# view's own text, passed through as it is (`fmt`: milliseconds only when there are some): read as a
-# datetime, the model would write it again with microseconds.
-
-Instant = Annotated[str, WithJsonSchema({"type": "string", "format": "date-time"})]
+# Shapes of the answers (the views themselves come from worker/store/journal.py).
 
 
 class RoomView(BaseModel):

@@ -18,6 +18,7 @@ from starlette.concurrency import run_in_threadpool
 from worker.faces.web import bodies
 from worker.faces.web.auth import UNAUTHORIZED, require_token
 from worker.faces.web.problems import MEDIA_TYPE, RESPONSES, Problem
+from worker.faces.web.shapes import Instant
 from worker.jobs.feeds import registry, sync
 from worker.rules.validation import InvalidRequest, parse
 
@@ -51,7 +52,64 @@ class FeedBody(BaseModel):
     caldav: bool = Field(default=False, description="read the URL as a CalDAV calendar")
 
 
-@router.get("", summary="every feed, with its last poll")
+# --------------------------------------------------------------------------------------------
+# Shapes of the answers (the views themselves come from worker/jobs/feeds/registry.py's describe).
+
+
+class FeedView(BaseModel):
+    """A feed as shown: never a credential. More keys may be added: ignore the ones you do not know."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    url: str
+    kind: str = Field(description="ics | caldav")
+    match: str | None
+    horizon_days: int
+    timezone: str
+    room: dict[str, Any] | None
+    notify: dict[str, Any] | None
+    username: str | None
+    password_env: str | None
+    password: str | None = Field(description='"stored encrypted" when the feed has one; never the password')
+    created_at: Instant
+    last_poll_at: Instant | None
+    last_outcome: str | None = Field(description="ok | failed | suspicious; null before the first poll")
+    last_detail: str | None
+    last_changes: dict[str, Any] | None
+    occurrences: int
+    downloads: int
+    not_modified: int
+    next_poll_at: Instant | None
+
+
+class FeedBooking(BaseModel):
+    booking_id: str
+    start: Instant
+    end: Instant
+
+
+class FeedDetail(FeedView):
+    limits: dict[str, Any] = Field(description="the bounds a feed is read within")
+    history: list[dict[str, Any]] = Field(description="the last polls, oldest first")
+    bookings: list[FeedBooking] = Field(description="the bookings the feed holds, soonest first")
+
+
+class FeedList(BaseModel):
+    results: list[FeedView]
+
+
+class FeedRemoved(BaseModel):
+    name: str
+    removed: bool
+    cancelled: int = Field(description="its bookings not yet ended, cancelled now")
+
+
+# --------------------------------------------------------------------------------------------
+# Routes.
+
+
+@router.get("", summary="every feed, with its last poll", response_model=FeedList)
 async def list_feeds() -> dict[str, Any]:
     return {"results": await run_in_threadpool(registry.list_feeds)}
 
@@ -68,6 +126,7 @@ def _feed_schema() -> dict[str, Any]:
 @router.post(
     "",
     status_code=201,
+    response_model=FeedView,
     responses={
         **RESPONSES,
         413: {"model": Problem, "content": {MEDIA_TYPE: {}}, "description": "body too large"},
@@ -92,16 +151,22 @@ async def create_feed(request: Request) -> Any:
     return await run_in_threadpool(lambda: registry.add_feed(spec, over_http=True))
 
 
-@router.get("/{name}", summary="one feed: its last polls, outcome, changes and bookings")
+@router.get(
+    "/{name}", summary="one feed: its last polls, outcome, changes and bookings", response_model=FeedDetail
+)
 async def show_feed(name: FeedName) -> Any:
     return await run_in_threadpool(registry.show_feed, name)
 
 
-@router.delete("/{name}", summary="remove a feed; its bookings not yet ended are cancelled")
+@router.delete(
+    "/{name}", summary="remove a feed; its bookings not yet ended are cancelled", response_model=FeedRemoved
+)
 async def remove_feed(name: FeedName) -> Any:
     return await run_in_threadpool(registry.remove_feed, name)
 
 
+# No response model: the answer is the feed's view, or only `{name, last_outcome}` when the poll did
+# not run (`busy`: another sync holds the feed; `removed` while it ran).
 @router.post("/{name}/sync", summary="poll the feed now")
 async def sync_feed(name: FeedName, force: Annotated[bool, Query()] = False) -> Any:
     return await run_in_threadpool(lambda: sync.sync_feed(name, force=force))
