@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import threading
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -84,72 +83,61 @@ def _bound(value: float) -> str:
 # --------------------------------------------------------------------------------------------
 # Per-process connections: one Redis client (recording and reading) and one read-only engine.
 
-_lock = threading.Lock()
-_redis: redis.Redis | None = None
-_engine: Engine | None = None
+# Owned by worker.runtime.resources. Dropped, not closed, on reset: a forked child must not shut
+# what its parent still uses.
+
+
+def _new_client() -> redis.Redis:
+    return redis.Redis.from_url(
+        get_settings().broker_url,
+        socket_timeout=TIMEOUT_SECONDS,
+        socket_connect_timeout=TIMEOUT_SECONDS,
+        # One try: a worker's task must not wait out redis-py's retries for a metric, and
+        # a readiness check wants the answer of now.
+        retry=Retry(NoBackoff(), 0),
+    )
 
 
 def _client() -> redis.Redis:
-    global _redis
-    with _lock:
-        if _redis is None:
-            _redis = redis.Redis.from_url(
-                get_settings().broker_url,
-                socket_timeout=TIMEOUT_SECONDS,
-                socket_connect_timeout=TIMEOUT_SECONDS,
-                # One try: a worker's task must not wait out redis-py's retries for a metric, and
-                # a readiness check wants the answer of now.
-                retry=Retry(NoBackoff(), 0),
-            )
-        return _redis
+    return resources.own("metrics redis", _new_client)
+
+
+def _new_read_engine() -> Engine:
+    url = store.sqlalchemy_url(get_settings().database_url)
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"timeout": TIMEOUT_SECONDS, "check_same_thread": False})
+
+        @event.listens_for(engine, "connect")
+        def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+            dbapi_connection.isolation_level = None  # plain reads, no BEGIN: WAL readers never wait
+
+        return engine
+    seconds = math.ceil(TIMEOUT_SECONDS)
+    # Added to the URL's own options (a search_path, say), which connect_args would replace.
+    options = make_url(url).query.get("options") or ""
+    if not isinstance(options, str):
+        options = " ".join(options)
+    return create_engine(
+        url,
+        pool_pre_ping=True,
+        pool_size=2,
+        max_overflow=2,
+        pool_timeout=TIMEOUT_SECONDS,
+        connect_args={
+            "connect_timeout": seconds,
+            "options": f"{options} -c statement_timeout={seconds * 1000}".strip(),
+        },
+    )
 
 
 def _read_engine() -> Engine:
     """An engine for reads with short timeouts, apart from the workers' own.
 
-    The store's SQLite engine takes the write lock at BEGIN (see store.py): a scrape or a readiness
-    check must not queue behind writers for that, and on PostgreSQL neither may wait for minutes on
-    an unreachable server.
+    The store's SQLite engine takes the write lock at BEGIN (see worker/store): a scrape or a
+    readiness check must not queue behind writers for that, and on PostgreSQL neither may wait for
+    minutes on an unreachable server.
     """
-    global _engine
-    with _lock:
-        if _engine is None:
-            url = store.sqlalchemy_url(get_settings().database_url)
-            if url.startswith("sqlite"):
-                _engine = create_engine(
-                    url, connect_args={"timeout": TIMEOUT_SECONDS, "check_same_thread": False}
-                )
-
-                @event.listens_for(_engine, "connect")
-                def _on_connect(dbapi_connection: Any, _record: Any) -> None:
-                    dbapi_connection.isolation_level = None  # plain reads, no BEGIN: WAL readers never wait
-
-            else:
-                seconds = math.ceil(TIMEOUT_SECONDS)
-                # Added to the URL's own options (a search_path, say), which connect_args would replace.
-                options = make_url(url).query.get("options") or ""
-                if not isinstance(options, str):
-                    options = " ".join(options)
-                _engine = create_engine(
-                    url,
-                    pool_pre_ping=True,
-                    pool_size=2,
-                    max_overflow=2,
-                    pool_timeout=TIMEOUT_SECONDS,
-                    connect_args={
-                        "connect_timeout": seconds,
-                        "options": f"{options} -c statement_timeout={seconds * 1000}".strip(),
-                    },
-                )
-        return _engine
-
-
-@resources.on_reset("metrics connections")
-def _reset() -> None:
-    global _redis, _engine, _lock
-    # Dropped, not closed: a forked child must not shut what its parent still uses.
-    _redis, _engine = None, None
-    _lock = threading.Lock()
+    return resources.own("metrics read engine", _new_read_engine)
 
 
 # --------------------------------------------------------------------------------------------

@@ -303,6 +303,9 @@ cli.add_typer(feeds_cli, name="feeds")
 
 
 def main() -> None:
+    from worker.runtime import process
+
+    process.start()
     try:
         cli()
     except SettingsError as exc:
