@@ -22,7 +22,7 @@ from prometheus_client.exposition import choose_encoder
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
-from worker.adapters import metrics
+from worker.adapters import metrics, metrics_export
 from worker.faces.web.problems import MEDIA_TYPE, Problem, problem
 from worker.runtime import resources
 
@@ -136,7 +136,7 @@ def _registry(request: Request) -> CollectorRegistry:
     registry: CollectorRegistry | None = getattr(request.app.state, "metrics_registry", None)
     if registry is None:
         registry = CollectorRegistry(auto_describe=False)
-        registry.register(metrics.RoomkeeperCollector())
+        registry.register(metrics_export.RoomkeeperCollector())
         request.app.state.metrics_registry = registry
     return registry
 
