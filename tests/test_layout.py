@@ -348,3 +348,9 @@ def test_a_package_missing_from_the_architecture_section_is_caught() -> None:
     section = architecture_section(readme)
     assert unnamed_packages(["worker/rules", "worker/jobs", "worker/store"], section) == ["worker/store"]
     assert unnamed_packages(["worker/jobs/feeds"], "`worker/jobs/feeds.py`") == ["worker/jobs/feeds"]
+
+
+def test_no_import_cycle_between_the_benchmark_modules() -> None:
+    sources = {module_name(path): path.read_text() for path in sorted((ROOT / "bench").glob("*.py"))}
+    assert "bench.run" in sources and "bench.bookings" in sources
+    assert cycles(import_graph(sources, {"bench"})) == []
