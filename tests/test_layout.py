@@ -202,6 +202,35 @@ def devtools_importers(
     )
 
 
+# Calls that hook into something process-wide; at import they would run for whoever imports.
+HOOKS = {"register_at_fork", "listens_for", "listen", "addFilter", "install", "on_reset", "connect"}
+# Signal handlers declared by the Celery app are its entry's own (they run when that process starts).
+HOOKS_AT_IMPORT_ALLOWED = {"worker.runtime.app"}
+
+
+def hooks_at_import(
+    sources: Mapping[str, str], allowed: Iterable[str] = HOOKS_AT_IMPORT_ALLOWED
+) -> list[str]:
+    """Module-level statements (decorators of module-level definitions included) that call a hook."""
+    allowed = set(allowed)
+    found: list[str] = []
+    for name, source in sources.items():
+        if name in allowed:
+            continue
+        for statement in ast.parse(source).body:
+            if isinstance(statement, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+                nodes: list[ast.AST] = [n for d in statement.decorator_list for n in ast.walk(d)]
+            else:
+                nodes = list(ast.walk(statement))
+            for node in nodes:
+                if isinstance(node, ast.Call):
+                    called = node.func
+                    attr = called.attr if isinstance(called, ast.Attribute) else getattr(called, "id", None)
+                    if attr in HOOKS:
+                        found.append(f"{name}:{node.lineno} {attr}")
+    return sorted(found)
+
+
 def architecture_section(readme: str) -> str:
     match = re.search(r"^## Architecture\n(.*?)(?=^## )", readme, re.S | re.M)
     return match.group(1) if match else ""
@@ -258,6 +287,10 @@ def test_no_import_cycle_between_product_modules() -> None:
 )
 def test_the_rules_do_no_io() -> None:
     assert rules_violations(TEXTS, GRAPH) == []
+
+
+def test_nothing_is_registered_at_import() -> None:
+    assert hooks_at_import(TEXTS) == []
 
 
 def test_no_product_module_imports_the_dev_tools() -> None:
@@ -340,6 +373,20 @@ def test_an_import_of_the_dev_tools_is_caught_unless_lazy_in_the_cli() -> None:
     ]
     _, eager = _graph(worker__faces__cli__main="from worker.devtools import sandbox\n")
     assert devtools_importers(eager) == ["worker.faces.cli.main imports worker.devtools at module level"]
+
+
+def test_a_hook_installed_at_import_is_caught() -> None:
+    sources = {
+        "worker.a": "import os\nos.register_at_fork(after_in_child=print)\n",
+        "worker.b": "from sqlalchemy import event\n@event.listens_for(object, 'x')\ndef f(): ...\n",
+        "worker.c": "from worker.runtime import celery_fixes\ncelery_fixes.install()\n",
+        "worker.ok": "import os\ndef start():\n    os.register_at_fork(after_in_child=print)\n",
+    }
+    assert hooks_at_import(sources) == [
+        "worker.a:2 register_at_fork",
+        "worker.b:2 listens_for",
+        "worker.c:2 install",
+    ]
 
 
 def test_a_package_missing_from_the_architecture_section_is_caught() -> None:
