@@ -35,7 +35,7 @@ from celery import Celery
 from celery.result import ResultSet
 from sqlalchemy import create_engine, text
 
-from bench.common import BIN, ROOT, Stack, iso, machine, tree_peak_rss_mib, utcnow
+from bench.common import BIN, ROOT, Stack, iso, machine, release, tree_peak_rss_mib, utcnow
 from worker.devtools.localredis import free_port
 from worker.store import sqlalchemy_url
 
@@ -69,8 +69,6 @@ def figure(n: int, seconds: float, **extra: Any) -> dict[str, Any]:
 
 
 def celery_single(stack: Stack, items: list[dict[str, Any]]) -> dict[str, Any]:
-    from bench.run import release
-
     caller = stack.procs.caller
     t0 = time.monotonic()
     results = [caller.send_task("rooms.schedule_meeting", queue="rooms", kwargs=item) for item in items]
@@ -85,8 +83,6 @@ def celery_single(stack: Stack, items: list[dict[str, Any]]) -> dict[str, Any]:
 def book_in_batches(caller: Celery, items: Sequence[dict[str, Any]], timeout: float = TIMEOUT) -> float:
     """`rooms.schedule_meetings` with 1,000 items each, all sent at once: the seconds from the
     first send to the last answer. Raises when any item was refused."""
-    from bench.run import release
-
     t0 = time.monotonic()
     results = [
         caller.send_task("rooms.schedule_meetings", queue="rooms", kwargs={"bookings": items[i : i + BATCH]})

@@ -18,6 +18,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from celery import Celery
+from celery.result import AsyncResult
 from sqlalchemy import text
 
 from worker import store
@@ -371,3 +373,14 @@ def lifecycle_figures(
         "strangers": len(strangers),
         "checked_at": iso(until),
     }
+
+
+def release(caller: Celery, results: list[AsyncResult[Any]]) -> None:
+    """Unsubscribe from the results now, while Redis is up.
+
+    Every AsyncResult unsubscribes from its result channel when it is garbage-collected; after the
+    phase has stopped its Redis, each of those would retry the dead connection for seconds.
+    """
+    for result in results:
+        caller.backend.remove_pending_result(result)
+        result.backend = None

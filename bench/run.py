@@ -45,6 +45,7 @@ from bench.common import (
     lifecycle_figures,
     machine,
     percentiles,
+    release,
     tree_peak_rss_mib,
     utcnow,
 )
@@ -90,17 +91,6 @@ def send_schedules(caller: Celery, bookings: Sequence[Booked], **extra: Any) -> 
     if bad:
         raise RuntimeError(f"{len(bad)} bookings were not accepted, e.g. {bad[0]!r}")
     return {"sent_s": round(sent, 3), "answered_s": round(answered, 3)}
-
-
-def release(caller: Celery, results: list[AsyncResult[Any]]) -> None:
-    """Unsubscribe from the results now, while Redis is up.
-
-    Every AsyncResult unsubscribes from its result channel when it is garbage-collected; after the
-    phase has stopped its Redis, each of those would retry the dead connection for seconds.
-    """
-    for result in results:
-        caller.backend.remove_pending_result(result)
-        result.backend = None
 
 
 def spread_within_a_minute(

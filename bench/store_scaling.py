@@ -69,7 +69,7 @@ from worker.devtools.sandbox import SandboxConfig, SandboxServer
 from worker.jobs import dispatch, outbox
 from worker.jobs import reconcile as reconciler
 from worker.rules import lifecycle
-from worker.runtime import resources
+from worker.runtime import process, resources
 from worker.store import deployment
 from worker.store.models import Meeting, MeetingState, Room, RoomState, utcnow
 
@@ -470,6 +470,7 @@ def _apply_env(env: dict[str, str | None]) -> dict[str, str | None]:
             os.environ.pop(name, None)
         else:
             os.environ[name] = value
+    process.start()
     resources.reset()
     return previous
 

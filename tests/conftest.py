@@ -40,8 +40,10 @@ POSTGRES_URL = f"{POSTGRES_SERVER}?options=-csearch_path%3D{POSTGRES_SCHEMA}"
 from worker import store  # noqa: E402
 from worker.adapters import budget  # noqa: E402
 from worker.devtools.sandbox import SandboxAdmin, SandboxConfig, SandboxServer  # noqa: E402
-from worker.runtime import resources  # noqa: E402
+from worker.runtime import process, resources  # noqa: E402
 from worker.runtime.app import app  # noqa: E402
+
+process.start()  # what every process's entry installs (the journal's writer, the fork reset ...)
 
 TEST_SETTINGS = {
     "ROOMKEEPER_CREATE_LEAD_SECONDS": "1",

@@ -8,8 +8,7 @@ from typing import Any
 
 from celery.events.dispatcher import EventDispatcher
 
-from worker.runtime import celery_fixes
-from worker.runtime.app import app  # noqa: F401  (importing the app installs the fix)
+from worker.runtime import celery_fixes, process
 
 
 class Dispatcher:
@@ -36,6 +35,7 @@ class Dispatcher:
 
 
 def test_the_fix_is_installed_on_this_celery() -> None:
+    process.start()  # every process's entry does (the worker and beat through their init signals)
     assert EventDispatcher.flush is celery_fixes._flush
 
 

@@ -16,9 +16,9 @@ from typer.testing import CliRunner
 
 from config.settings import SettingsError, get_settings
 from tests.conftest import apply_settings
+from worker.adapters import whereby_calls
 from worker.faces.cli.main import cli
 from worker.jobs import booking
-from worker.runtime import resources
 from worker.runtime.app import app
 from worker.store import session_scope
 from worker.store.models import History, Meeting, MeetingState, Room, RoomState, utcnow
@@ -325,7 +325,7 @@ def test_show_list_and_failed_run_without_a_whereby_key() -> None:
     # Whatever would call Whereby still stops, naming the key (the worker and beat check it at
     # start: tests/test_settings.py starts them).
     with pytest.raises(SettingsError, match="WHEREBY_API_KEY is required"):
-        resources.client()
+        whereby_calls.client()
 
 
 def test_show_of_an_id_the_store_cannot_hold_names_the_rule() -> None:

@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.conftest import BROKER, apply_settings
 from tests.test_metrics import Samples, scrape, value
 from tests.test_notify_url import SECRET, Receiver
-from worker.adapters import metrics
+from worker.adapters import metrics, metrics_export
 from worker.devtools.localredis import free_port
 from worker.faces.web.app import create_app
 from worker.jobs import delivery
@@ -133,7 +133,7 @@ def test_the_backlog_is_read_from_the_store(notify_store: Any, client: TestClien
     done = {"pending": False, "finished_at": now - timedelta(days=1)}
     _event("backlog-c", url, now - timedelta(days=2), state=DeliveryState.DELIVERED, **done)
     _event("backlog-d", url, now - timedelta(days=3), state=DeliveryState.UNDELIVERED, **done)
-    figures = metrics.read_store(now)
+    figures = metrics_export.read_store(now)
     assert figures.events_pending == 3
     assert figures.oldest_undelivered == pytest.approx(600, abs=0.01)
     samples = scrape(client)
@@ -147,7 +147,7 @@ def test_counting_never_raises_when_redis_is_gone(notify_store: Any) -> None:
         metrics.observe_delivery("delivered", 0.3)  # the delivery goes on: no exception
     finally:
         apply_settings(ROOMKEEPER_BROKER_URL=BROKER)
-    figures = metrics.read_redis()
+    figures = metrics_export.read_redis()
     assert (figures.deliveries, figures.delivery_latency) == ({}, {})
 
 

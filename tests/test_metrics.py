@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import BROKER, apply_settings, call, clear_budget, iso, soon, wait_for
-from worker.adapters import budget, metrics, whereby
+from worker.adapters import budget, metrics, metrics_export, whereby
 from worker.devtools.localredis import free_port
 from worker.devtools.sandbox import SandboxAdmin
 from worker.faces.web.app import create_app
@@ -132,7 +132,7 @@ def test_store_figures_by_state_live_overrunning_and_overdue(store_only: str, cl
         _room(session, gone, "t-gone", RoomState.DELETED, now, due_at=now - timedelta(hours=1))
         _room(session, gone, "t-pending", RoomState.PENDING, now, due_at=now - timedelta(hours=2))
 
-    figures = metrics.read_store(now)
+    figures = metrics_export.read_store(now)
     assert figures.meetings == {
         "scheduled": 3,
         "creating": 0,
@@ -160,7 +160,7 @@ def test_nothing_overdue_reads_zero(store_only: str) -> None:
     with session_scope() as session:
         meeting = _meeting(session, "ready-0", MeetingState.READY, now)
         _room(session, meeting, "t-ready", RoomState.LIVE, now, due_at=now + timedelta(minutes=1))
-    figures = metrics.read_store(now)
+    figures = metrics_export.read_store(now)
     assert (figures.rooms_live, figures.rooms_overrunning, figures.oldest_overdue) == (1, 0, 0.0)
 
 
@@ -237,12 +237,12 @@ def test_recording_never_raises_when_redis_is_gone(store_only: str) -> None:
         # A worker's task goes on: neither raises (an exception here would fail the test).
         metrics.record_calls([_call("POST", "/meetings", 201)])
         metrics.observe_deletion_lag(0.2)
-        assert metrics.read_store().rooms_live == 0  # the store is still read
+        assert metrics_export.read_store().rooms_live == 0  # the store is still read
         with pytest.raises(Exception, match="Connection refused"):
-            metrics.read_redis()  # while a scrape sees Redis gone
+            metrics_export.read_redis()  # while a scrape sees Redis gone
     finally:
         apply_settings(ROOMKEEPER_BROKER_URL=BROKER)
-    figures = metrics.read_redis()
+    figures = metrics_export.read_redis()
     assert (figures.calls, figures.lag) == ({}, {})
 
 

@@ -327,7 +327,8 @@ def test_post_connects_to_the_address_it_checked(monkeypatch: pytest.MonkeyPatch
         return httpx.Response(204)
 
     monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
-    monkeypatch.setattr(delivery, "_client", httpx.Client(transport=httpx.MockTransport(handler)))
+    mocked = httpx.Client(transport=httpx.MockTransport(handler))
+    monkeypatch.setattr(delivery, "_get_client", lambda: mocked)
     outcome = delivery.post(_head("https://hooks.example.com/in?token=t0k"), SIGNED)
     assert outcome.delivered and outcome.status == 204
     (request,) = seen
@@ -360,7 +361,8 @@ def test_only_2xx_is_delivered_and_redirects_are_not_followed(
         calls.append(str(request.url))
         return httpx.Response(status, headers={"Location": "http://127.0.0.1/elsewhere"})
 
-    monkeypatch.setattr(delivery, "_client", httpx.Client(transport=httpx.MockTransport(handler)))
+    mocked = httpx.Client(transport=httpx.MockTransport(handler))
+    monkeypatch.setattr(delivery, "_get_client", lambda: mocked)
     outcome = delivery.post(_head("https://1.1.1.1/in"), SIGNED)
     assert (outcome.delivered, outcome.error) == (delivered, error)
     assert calls == ["https://1.1.1.1/in"]
@@ -371,7 +373,8 @@ def test_transport_errors_are_described_without_the_query_string(monkeypatch: py
     def handler(request: Any) -> Any:
         raise httpx.ConnectError(f"cannot reach {request.url}")
 
-    monkeypatch.setattr(delivery, "_client", httpx.Client(transport=httpx.MockTransport(handler)))
+    mocked = httpx.Client(transport=httpx.MockTransport(handler))
+    monkeypatch.setattr(delivery, "_get_client", lambda: mocked)
     outcome = delivery.post(_head("https://1.1.1.1/in?token=t0k"), SIGNED)
     assert not outcome.delivered
     assert outcome.error == "ConnectError: cannot reach https://1.1.1.1/in"

@@ -26,12 +26,12 @@ from tests.conftest import (
     wait_for,
 )
 from worker import store
+from worker.adapters import whereby_calls
 from worker.adapters.budget import get_budget
 from worker.devtools.harness import ProcessSystem, later
 from worker.devtools.sandbox import SandboxAdmin, SandboxServer
 from worker.jobs import booking, reconcile
 from worker.rules import lifecycle
-from worker.runtime import resources
 from worker.store import deployment, session_scope
 from worker.store.models import Meeting, Room, RoomState, utcnow
 
@@ -383,7 +383,7 @@ def test_a_room_the_listing_lacks_but_whereby_still_has_is_not_replaced(
     """A listing that lags behind a creation must not cost a meeting its URLs: one read decides."""
     book("lagging-1", seconds=60)
     room = ready_view("lagging-1")["room"]
-    client = resources.client()
+    client = whereby_calls.client()
     listed = client.list_meetings
 
     def lagging_list(**kwargs: Any) -> Iterator[Any]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import threading
 import uuid
 from typing import Any
 
@@ -11,6 +10,7 @@ import redis
 
 from config.settings import get_settings
 from worker.adapters import whereby
+from worker.runtime import resources
 
 log = logging.getLogger(__name__)
 
@@ -129,25 +129,14 @@ class Budget:
         self.client.close()
 
 
-_budget: Budget | None = None
-_lock = threading.Lock()
+def _make_budget() -> Budget:
+    settings = get_settings()
+    return Budget(settings.broker_url, settings.api_points_per_minute)
 
 
 def get_budget() -> Budget:
-    global _budget
-    with _lock:
-        if _budget is None:
-            settings = get_settings()
-            _budget = Budget(settings.broker_url, settings.api_points_per_minute)
-        return _budget
-
-
-def reset_budget() -> None:
-    global _budget
-    with _lock:
-        if _budget is not None:
-            _budget.close()
-        _budget = None
+    """This process's client of the shared budget (owned by worker.runtime.resources)."""
+    return resources.own("point budget", _make_budget, Budget.close)
 
 
 def before_request(method: str, points: int, *_: Any) -> None:

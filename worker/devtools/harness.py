@@ -25,7 +25,7 @@ from worker.devtools.localredis import EmbeddedRedis
 from worker.devtools.sandbox import SandboxAdmin
 from worker.store import deployment, sqlalchemy_url
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the repository: worker/devtools/ is two below
 BIN = Path(sys.executable).parent
 
 FAST_SETTINGS = {

@@ -13,7 +13,7 @@ from honcho.environ import parse_procfile
 from honcho.manager import Manager
 from honcho.printer import Printer
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the repository: worker/devtools/ is two below
 PROCFILE = ROOT / "Procfile"
 
 

@@ -18,10 +18,9 @@ from sqlalchemy import Row, insert, update
 from sqlmodel import Session, col, select
 
 from config.settings import Settings, get_settings
-from worker.adapters import whereby
+from worker.adapters import whereby, whereby_calls
 from worker.jobs.call_failures import WherebyCallFailed, heed_rate_limit
 from worker.rules import lifecycle, meetings
-from worker.runtime import resources
 from worker.store import claims, deployment, journal, session_scope
 from worker.store.models import Meeting, Room, RoomState, utcnow
 from worker.store.persist import AfterCommit, apply, meeting_facts, room_facts
@@ -47,7 +46,7 @@ def create_room(meeting_pk: int, claim: str) -> str:
         attempt = _start(meeting_pk, settings)
     if isinstance(attempt, str):
         return attempt
-    with resources.recording_calls() as calls, claims.renewer.holding(Meeting, meeting_pk, attempt.run):
+    with whereby_calls.recording_calls() as calls, claims.renewer.holding(Meeting, meeting_pk, attempt.run):
         try:
             made = _make_room(attempt)
         except whereby.WherebyError as error:
@@ -156,7 +155,7 @@ def _record_attempt(
 
 
 def _make_room(attempt: Attempt) -> whereby.Meeting:
-    client = resources.client()
+    client = whereby_calls.client()
     fields = attempt.request.fields or []
     if attempt.look_up_first:
         for found in client.list_meetings(room_name_prefix=attempt.name_prefix, fields=fields):

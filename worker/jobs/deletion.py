@@ -13,11 +13,10 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 
 from config.settings import Settings, get_settings
-from worker.adapters import metrics, whereby
+from worker.adapters import metrics, whereby, whereby_calls
 from worker.jobs import occupancy
 from worker.jobs.call_failures import WherebyCallFailed, heed_rate_limit
 from worker.rules import lifecycle, meetings
-from worker.runtime import resources
 from worker.store import claims, journal, session_scope
 from worker.store.models import Meeting, Room, utcnow
 from worker.store.persist import AfterCommit, apply, meeting_facts, room_facts
@@ -51,14 +50,14 @@ def delete_room(room_pk: int, claim: str) -> str:
     after.run()
     if not change.act:
         return change.outcome
-    with resources.recording_calls() as calls, claims.renewer.holding(Room, room_pk, run):
+    with whereby_calls.recording_calls() as calls, claims.renewer.holding(Room, room_pk, run):
         if change.probe:
             outcome = _probe(room_pk, run, booking_id, room_name, calls, settings)
             if outcome is not None:
                 return outcome
         try:
             gone = lifecycle.expired(end_date, now) or whereby_id is None
-            existed = False if gone else resources.client().delete_meeting(whereby_id or "")
+            existed = False if gone else whereby_calls.client().delete_meeting(whereby_id or "")
         except whereby.WherebyError as error:
             outcome = _failed(room_pk, run, booking_id, error, calls, settings)
             raise WherebyCallFailed.from_error(error, booking_id, outcome) from None
@@ -76,7 +75,7 @@ def _probe(
     """Ask Whereby whether the room's session goes on (no webhooks). None: go on and delete."""
     ongoing, last_ended, failure = False, None, None
     try:
-        sessions = resources.client().room_sessions(room_name or "") if room_name else []
+        sessions = whereby_calls.client().room_sessions(room_name or "") if room_name else []
         ongoing = any(found.ended_at is None and found.started_at is not None for found in sessions)
         ends = [found.ended_at for found in sessions if found.ended_at is not None]
         last_ended = max(ends) if ends else None

@@ -96,39 +96,30 @@ class _Slots:
                 self.running.pop(key, None)
 
 
-_client: httpx.Client | None = None
-_slots: _Slots | None = None
-_lock = threading.Lock()
+# The client and the slots are per process, owned by worker.runtime.resources.
 
 
-@resources.on_reset("notify delivery")
 def _reset() -> None:
-    global _client, _slots
-    with _lock:
-        # Not closed: another thread may be mid-request on it; it goes with its last reference.
-        _client, _slots = None, None
+    # Not closed: another thread may be mid-request on it; it goes with its last reference.
+    resources.drop("notify client", "notify slots")
+
+
+def _new_client() -> httpx.Client:
+    return httpx.Client(
+        timeout=httpx.Timeout(TIMEOUT_SECONDS, connect=CONNECT_SECONDS),
+        follow_redirects=False,  # a redirect is a failure: it could lead anywhere
+        trust_env=False,  # no proxy from the environment between the check and the receiver
+        headers={"User-Agent": USER_AGENT},
+    )
 
 
 def _get_client() -> httpx.Client:
-    global _client
-    with _lock:
-        if _client is None:
-            _client = httpx.Client(
-                timeout=httpx.Timeout(TIMEOUT_SECONDS, connect=CONNECT_SECONDS),
-                follow_redirects=False,  # a redirect is a failure: it could lead anywhere
-                trust_env=False,  # no proxy from the environment between the check and the receiver
-                headers={"User-Agent": USER_AGENT},
-            )
-        return _client
+    return resources.own("notify client", _new_client)
 
 
 def _get_slots(settings: Settings) -> _Slots:
-    global _slots
-    with _lock:
-        if _slots is None:
-            # A quarter of the pool (at least 2): the rest always stays free for room work.
-            _slots = _Slots(max(2, settings.worker_concurrency // 4))
-        return _slots
+    # A quarter of the pool (at least 2): the rest always stays free for room work.
+    return resources.own("notify slots", lambda: _Slots(max(2, settings.worker_concurrency // 4)))
 
 
 # --------------------------------------------------------------------------------------------

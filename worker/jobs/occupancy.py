@@ -24,6 +24,7 @@ from sqlmodel import Session, col, delete, select
 from config.settings import Settings, get_settings
 from worker.rules import meetings
 from worker.rules.validation import parse_instant
+from worker.runtime import resources
 from worker.store import deployment, session_scope
 from worker.store.models import Meeting, Room, WebhookEvent, utcnow
 from worker.store.persist import AfterCommit, apply, meeting_facts, room_facts
@@ -41,7 +42,10 @@ UNKNOWN_ROOM_PATIENCE = timedelta(minutes=10)
 # by beat's sweep, at most once every PRUNE_EVERY.
 KEEP_APPLIED = timedelta(days=2)
 PRUNE_EVERY = timedelta(minutes=10)
-_pruned_at: datetime | None = None
+
+
+class _Pruned:
+    at: datetime | None = None  # per process, owned by worker.runtime.resources
 
 
 class BadSignature(ValueError):
@@ -264,9 +268,9 @@ def sweep(settle: timedelta = timedelta(seconds=2)) -> int:
 
 
 def _prune(now: datetime) -> None:
-    global _pruned_at
-    if _pruned_at is not None and now - _pruned_at < PRUNE_EVERY:
+    pruned = resources.own("webhook pruning", _Pruned)
+    if pruned.at is not None and now - pruned.at < PRUNE_EVERY:
         return
-    _pruned_at = now
+    pruned.at = now
     with session_scope() as session:
         session.execute(delete(WebhookEvent).where(col(WebhookEvent.applied_at) < now - KEEP_APPLIED))

@@ -31,21 +31,17 @@ class _Flush:
         self.wanted = threading.Event()
 
 
-_flush = _Flush()
-
-
-@resources.on_reset("outbox flush")
-def _reset_flush() -> None:
-    # A forked child may have copied the lock while a thread of its parent held it.
-    global _flush
-    _flush = _Flush()
+def _flush() -> _Flush:
+    # Per process (worker.runtime.resources): a forked child may have copied the lock while a
+    # thread of its parent held it.
+    return resources.own("outbox flush", _Flush)
 
 
 def flush_outbox(limit: int = 500) -> int:
     """Send the events whose transactions have committed; at least once, in order per booking.
 
     Returns how many events this call sent (0 when another thread's flush takes them over)."""
-    flush = _flush
+    flush = _flush()
     sent = 0
     flush.wanted.set()
     while flush.wanted.is_set() and flush.running.acquire(blocking=False):

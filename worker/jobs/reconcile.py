@@ -27,11 +27,10 @@ from datetime import datetime
 from sqlmodel import Session, col, select
 
 from config.settings import get_settings
-from worker.adapters import whereby
+from worker.adapters import whereby, whereby_calls
 from worker.jobs.call_failures import heed_rate_limit
 from worker.jobs.creation import fill_room
 from worker.rules import meetings
-from worker.runtime import resources
 from worker.store import deployment, journal, session_scope
 from worker.store.models import Meeting, Room, RoomState, utcnow
 from worker.store.persist import AfterCommit, apply, meeting_facts, room_facts
@@ -48,9 +47,9 @@ def reconcile() -> dict[str, int]:
     mine = deployment.identity()
     counts = {"listed": 0, "foreign": 0, "orphans_deleted": 0, "lost_rooms": 0, "adopted": 0, "retired": 0}
     prefix = f"{settings.room_prefix}-"
-    with resources.recording_calls() as calls:
+    with whereby_calls.recording_calls() as calls:
         try:
-            listed = {m.meeting_id: m for m in resources.client().list_meetings(room_name_prefix=prefix)}
+            listed = {m.meeting_id: m for m in whereby_calls.client().list_meetings(room_name_prefix=prefix)}
         except whereby.WherebyError as error:
             heed_rate_limit(error)
             log.warning("reconciler: listing Whereby's rooms failed, trying next time: %s", error)
@@ -167,9 +166,9 @@ def _confirm_lost(suspects: list[int], after: AfterCommit) -> int:
             if room is None or room.whereby_id is None:
                 continue
             whereby_id = room.whereby_id
-        with resources.recording_calls() as calls:
+        with whereby_calls.recording_calls() as calls:
             try:
-                resources.client().get_meeting(whereby_id)
+                whereby_calls.client().get_meeting(whereby_id)
                 gone = False
             except whereby.NotFoundError:
                 gone = True
@@ -203,10 +202,10 @@ def _delete_orphans(orphans: list[tuple[str, str]], counts: dict[str, int]) -> N
     if not orphans:
         return
     deleted = []
-    with resources.recording_calls() as calls:
+    with whereby_calls.recording_calls() as calls:
         for whereby_id, booking in orphans:
             try:
-                resources.client().delete_meeting(whereby_id)
+                whereby_calls.client().delete_meeting(whereby_id)
             except whereby.WherebyError as error:
                 heed_rate_limit(error)
                 log.warning("reconciler: deleting orphan room %s failed: %s", whereby_id, error)

@@ -18,9 +18,7 @@ from celery.signals import (
 from config.celery import celery_config
 from config.settings import get_settings
 from worker.adapters import redact
-from worker.runtime import celery_fixes, resources
-
-celery_fixes.install()
+from worker.runtime import process, resources
 
 app = Celery(
     "roomkeeper",
@@ -40,7 +38,8 @@ app.steps["consumer"].add("tasks.rooms:HeldMessages")
 
 @worker_init.connect
 @beat_init.connect
-def _whereby_key_at_start(**_: Any) -> None:
+def _start(**_: Any) -> None:
+    process.start()
     # The worker and beat call Whereby: without its key they stop now, naming WHEREBY_API_KEY,
     # instead of failing every call. Importing the app (Flower, the read-only CLI) needs no key.
     get_settings().require_whereby_key()
@@ -65,6 +64,3 @@ def _dispatch_at_start(**_: Any) -> None:
     # does the same in-process (worker.runtime.beat, `run_at_start`); a worker sends it as one task, run
     # by its pool like any other: one row in Flower per worker start, not per tick.
     app.send_task("rooms.dispatch_due", queue=get_settings().queue)
-
-
-logging.getLogger("httpx").setLevel(logging.WARNING)

@@ -1,102 +1,96 @@
-"""Per-process state in one place: the Whereby client and the registry of everything else to reset.
+"""The one owner of per-process state: engines, Redis and HTTP clients, the renewer, executors.
 
-Each module that keeps per-process state (engines, the budget, the claim renewer, the outbox flush,
-the deployment identity) registers its reset here with `on_reset`. `reset()` is the one reset: a
-forked child runs it (its parent's connections, threads and locks are not its own), and so do the
-tests and the benchmark when they change the settings.
+A module that needs a per-process thing asks for it by name, `own(name, make, close)`, where it
+uses it; nothing registers at import. `reset()` is the one reset: it drops everything owned (closing
+what has a `close`), so the next use builds it afresh from the settings. A forked child runs it (its
+parent's connections, threads and locks are not its own: see `worker.runtime.process.start`), and
+so do the tests and the benchmark when they change the settings.
+
+This module imports nothing of the project but the settings, so every layer may use it.
 """
 
 from __future__ import annotations
 
-import os
+import logging
 import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
-from config.settings import get_settings, reset_settings
-from worker import store
-from worker.adapters import budget, whereby
-from worker.adapters.budget import before_request
+from config.settings import reset_settings
 
-_resets: dict[str, Callable[[], None]] = {}
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
-def on_reset(name: str) -> Callable[[Callable[[], None]], Callable[[], None]]:
-    """Register a piece of per-process state's reset (once per name: re-imports replace it)."""
+class Resources:
+    """What one process holds, by name, in the order it was built."""
 
-    def register(reset_fn: Callable[[], None]) -> Callable[[], None]:
-        _resets[name] = reset_fn
-        return reset_fn
+    def __init__(self) -> None:
+        self._held: dict[str, tuple[Any, Callable[[Any], None] | None]] = {}
+        self._lock = threading.Lock()
+        # One lock per name, held while it is made: making one thing may take time or ask for
+        # another (the identity reads the store through an engine), and must not stop the rest.
+        self._making: dict[str, threading.Lock] = {}
 
-    return register
+    def own(self, name: str, make: Callable[[], T], close: Callable[[T], None] | None = None) -> T:
+        held = self._held.get(name)
+        if held is None:
+            with self._lock:
+                making = self._making.setdefault(name, threading.Lock())
+            with making:
+                held = self._held.get(name)
+                if held is None:
+                    held = (make(), close)
+                    with self._lock:
+                        self._held[name] = held
+        value: T = held[0]
+        return value
+
+    def drop(self, *names: str) -> None:
+        """Forget these (not closed): their next use builds them afresh."""
+        with self._lock:
+            for name in names:
+                self._held.pop(name, None)
+
+    def names(self) -> list[str]:
+        with self._lock:
+            return list(self._held)
+
+    def close(self) -> None:
+        # Not under the lock: a forked child may have copied it held by a thread it does not have.
+        held = list(self._held.items())
+        self._held.clear()
+        for name, (value, close) in reversed(held):
+            if close is not None:
+                try:
+                    close(value)
+                except Exception:  # one that will not close must not keep the others open
+                    log.exception("closing %s failed", name)
+
+
+_current = Resources()
+
+
+def own(name: str, make: Callable[[], T], close: Callable[[T], None] | None = None) -> T:
+    """This process's `name`, made by `make` on first use; `close` runs when it is reset."""
+    return _current.own(name, make, close)
+
+
+def drop(*names: str) -> None:
+    """Forget these pieces only (a test changing one setting); `reset` forgets everything."""
+    _current.drop(*names)
+
+
+def current() -> Resources:
+    return _current
 
 
 def reset(*, settings: bool = True) -> None:
     """Forget every piece of per-process state; the next use builds it afresh from the settings."""
+    global _current
+    # Swapped, not emptied under its lock: a forked child may have copied that lock held.
+    old, _current = _current, Resources()
     if settings:
         reset_settings()
-    for reset_fn in list(_resets.values()):
-        reset_fn()
-
-
-# The two leaves that cannot import this module (it imports them) are registered here.
-on_reset("database engines")(store.dispose_engines)
-on_reset("point budget")(budget.reset_budget)
-
-
-def _reset_after_fork() -> None:
-    # Settings come from the environment the child inherited: keep them.
-    reset(settings=False)
-
-
-os.register_at_fork(after_in_child=_reset_after_fork)
-
-
-# --------------------------------------------------------------------------------------------
-# The Whereby client: one per process, its calls recorded into the running task's history.
-
-_client: whereby.WherebyClient | None = None
-_client_lock = threading.Lock()
-_calls: ContextVar[list[whereby.CallRecord] | None] = ContextVar("whereby_calls", default=None)
-
-
-def _record_call(record: whereby.CallRecord) -> None:
-    calls = _calls.get()
-    if calls is not None:
-        calls.append(record)
-
-
-def client() -> whereby.WherebyClient:
-    global _client
-    with _client_lock:
-        if _client is None:
-            settings = get_settings()
-            _client = whereby.WherebyClient(
-                settings.whereby_api_url,
-                settings.api_key,
-                timeout=settings.whereby_timeout_seconds,
-                before_request=before_request,
-                on_call=_record_call,
-            )
-        return _client
-
-
-@on_reset("whereby client")
-def _reset_client() -> None:
-    global _client, _client_lock
-    # Dropped, not closed: a thread may still be mid-call on it (tests reset between cases), and a
-    # forked child must not shut connections its parent still uses. Garbage collection closes it.
-    _client = None
-    _client_lock = threading.Lock()  # a forked child may have copied it held
-
-
-@contextmanager
-def recording_calls() -> Iterator[list[whereby.CallRecord]]:
-    """Gather the Whereby calls made inside the block (this thread's), for the history."""
-    calls: list[whereby.CallRecord] = []
-    token = _calls.set(calls)
-    try:
-        yield calls
-    finally:
-        _calls.reset(token)
+    old.close()

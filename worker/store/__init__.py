@@ -17,14 +17,34 @@ from sqlalchemy.engine import make_url
 from sqlmodel import Session
 
 from config.settings import get_settings
+from worker.runtime import resources
 
 log = logging.getLogger(__name__)
 
-_engines: dict[tuple[str, int], Engine] = {}
-# SQLite has one writer at a time, and a writer that finds the file locked sleeps in SQLite's busy
-# handler (1, 2, 5, 10 ... 100 ms naps) rather than queueing. Threads of one process therefore
-# take turns on a lock of their own first; only other processes meet the busy handler.
-_sqlite_turns: dict[Engine, threading.RLock] = {}
+
+class _Engines:
+    """This process's engines (owned by worker.runtime.resources, disposed on reset).
+
+    SQLite has one writer at a time, and a writer that finds the file locked sleeps in SQLite's busy
+    handler (1, 2, 5, 10 ... 100 ms naps) rather than queueing. Threads of one process therefore
+    take turns on a lock of their own first (`turns`); only other processes meet the busy handler.
+    """
+
+    def __init__(self) -> None:
+        self.engines: dict[tuple[str, int], Engine] = {}
+        self.turns: dict[Engine, threading.RLock] = {}
+
+    def dispose(self) -> None:
+        for engine in self.engines.values():
+            engine.dispose()
+        self.engines.clear()
+        self.turns.clear()
+
+
+def _held() -> _Engines:
+    return resources.own("database engines", _Engines, _Engines.dispose)
+
+
 MIGRATIONS = Path(__file__).with_name("migrations")
 
 
@@ -68,29 +88,27 @@ def get_engine(url: str | None = None) -> Engine:
     url = sqlalchemy_url(url or get_settings().database_url)
     # One engine per process: a forked worker child must not share its parent's connections.
     key = (url, os.getpid())
-    engine = _engines.get(key)
+    held = _held()
+    engine = held.engines.get(key)
     if engine is None:
         if url.startswith("sqlite"):
             engine = _sqlite_engine(url)
-            _sqlite_turns[engine] = threading.RLock()
+            held.turns[engine] = threading.RLock()
         else:
             engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
-        _engines[key] = engine
+        held.engines[key] = engine
     return engine
 
 
 def dispose_engines() -> None:
-    for engine in _engines.values():
-        engine.dispose()
-    _engines.clear()
-    _sqlite_turns.clear()
+    _held().dispose()
 
 
 @contextmanager
 def session_scope() -> Iterator[Session]:
     """One transaction: committed when the block ends, rolled back if it raises."""
     engine = get_engine()
-    turn = _sqlite_turns.get(engine)
+    turn = _held().turns.get(engine)
     with turn or nullcontext(), Session(engine, expire_on_commit=False) as session:
         try:
             yield session

