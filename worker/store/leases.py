@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, Row, and_, or_, update
+from sqlalchemy import ColumnElement, and_, or_, update
 from sqlmodel import Session, col
 
 from worker.store.models import EventDelivery, Feed, Meeting, Outbox, Room
@@ -51,7 +51,7 @@ def take(
     token: str | None = None,
     values: dict[str, Any] | None = None,
     returning: Sequence[Any] = (),
-) -> Sequence[Row[Any]]:
+) -> Sequence[Any]:
     """Lease the rows matching `where` that are `free` (usually `lapsed`; a caller may allow more,
     such as its own token) until `until` (an instant, or a SQL expression), to `token` when the
     table has one; `values` are written in the same UPDATE. Returns `returning` of the rows taken."""
