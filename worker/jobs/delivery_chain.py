@@ -121,19 +121,20 @@ def finish(head: Head, token: str, outcome: Outcome, settings: Settings) -> tupl
         random.random(),
     )
     with session_scope() as session:
-        if isinstance(decision, rules.Delivered):
-            done = leases.release(
+        if not isinstance(decision, rules.Retry):
+            state = DeliveryState.DELIVERED if outcome.delivered else DeliveryState.UNDELIVERED
+            ended = leases.release(
                 session,
                 EventDelivery,
                 head.pk,
                 token,
                 pending=False,
-                state=DeliveryState.DELIVERED,
+                state=state,
                 finished_at=now,
                 last_status=outcome.status,
-                last_error=None,
+                last_error=None if outcome.delivered else outcome.error,
             )
-            if done:
+            if ended and outcome.delivered:
                 _count_after_commit(session, "delivered", (now - head.created_at).total_seconds())
                 journal.note(
                     session,
@@ -151,20 +152,7 @@ def finish(head: Head, token: str, outcome: Outcome, settings: Settings) -> tupl
                     outcome.status,
                     attempts,
                 )
-            return True, None, ""
-        if isinstance(decision, rules.Undelivered):
-            given_up = leases.release(
-                session,
-                EventDelivery,
-                head.pk,
-                token,
-                pending=False,
-                state=DeliveryState.UNDELIVERED,
-                finished_at=now,
-                last_status=outcome.status,
-                last_error=outcome.error,
-            )
-            if given_up:
+            elif ended:
                 _count_after_commit(session, "undelivered")
                 journal.note(
                     session,
