@@ -9,7 +9,8 @@ pass (`o…`: the message was sent again) or a running task (`r…`). `claim_unt
 worker renews the lease of every message it holds (received, waiting for its ETA or a free thread)
 and of every run it is doing, each third of a lease; a worker that dies stops renewing, and the
 dispatcher sends the row again one lease later. A message that no worker ever received (lost with
-the broker, or sent while no worker runs) lapses the same way.
+the broker, or sent while no worker runs) lapses the same way. The leases themselves are taken,
+renewed and released by `worker/store/leases.py`, as every other lease in the store.
 """
 
 from __future__ import annotations
