@@ -158,3 +158,37 @@ def test_mass_loss_table(live: int, gone: int, wanted: int, force: bool, suspici
 )
 def test_next_poll_table(scheduled: datetime | None, max_age: int | None, wait: int) -> None:
     assert feeds.next_poll(scheduled, NOW, 300, max_age) == NOW + timedelta(seconds=wait)
+
+
+def span(start_in_hours: float, hours: float = 1.0) -> feeds.Span:
+    start = NOW + timedelta(hours=start_in_hours)
+    return start, start + timedelta(hours=hours)
+
+
+def test_compare_books_new_rebooks_moved_keeps_unchanged_cancels_gone_and_forgets_ended() -> None:
+    stored = {
+        "same": span(5),
+        "moved": span(3),
+        "gone": span(4),
+        "ended": span(-3),
+        "running": span(-0.5),  # started, not over: still live
+        "ends-now": span(-1),
+    }
+    wanted = {"late": span(9), "moved": span(3, 2), "same": span(5), "new": span(1), "running": span(-0.5)}
+    plan = feeds.compare(stored, wanted, NOW)
+    assert plan.live == {bid: stored[bid] for bid in ("same", "moved", "gone", "running")}
+    assert plan.ended == ["ended", "ends-now"]
+    assert plan.gone == ["gone"]
+    assert plan.actions == [
+        ("running", "unchanged"),
+        ("new", "book"),
+        ("moved", "rebook"),
+        ("same", "unchanged"),
+        ("late", "book"),
+    ]
+
+
+def test_compare_of_an_ended_occurrence_read_again_books_it_anew() -> None:
+    plan = feeds.compare({"back": span(-2)}, {"back": span(-2)}, NOW)
+    assert plan.live == {} and plan.ended == ["back"] and plan.gone == []
+    assert plan.actions == [("back", "book")]

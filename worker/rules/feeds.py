@@ -9,7 +9,10 @@ nothing.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Literal
 
 UNHEALTHY = ("failed", "suspicious")
 # A loss is suspicious when more than MASS_LOSS_MIN occurrences vanish at once, more than half of
@@ -28,6 +31,36 @@ def feed_event(previous: str | None, outcome: str) -> str | None:
     if outcome == "ok" and previous in UNHEALTHY:
         return "feed.recovered"
     return None
+
+
+Span = tuple[datetime, datetime]
+Action = Literal["unchanged", "book", "rebook"]
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """What a complete read means for the occurrences booked before it."""
+
+    live: dict[str, Span]  # booked and not yet ended
+    ended: list[str]  # booked and over: simply forgotten, their bookings ran their course
+    gone: list[str]  # booked, live, and no longer in the feed: cancelled
+    actions: list[tuple[str, Action]]  # every occurrence read, soonest first
+
+
+def compare(stored: Mapping[str, Span], wanted: Mapping[str, Span], now: datetime) -> Comparison:
+    """Compare the occurrences booked before (`stored`) with those a read found (`wanted`), by
+    booking id: a new one is booked, a moved one booked again, one no longer there cancelled."""
+    live = {bid: span for bid, span in stored.items() if span[1] > now}
+    actions: list[tuple[str, Action]] = []
+    for bid in sorted(wanted, key=lambda bid: wanted[bid][0]):
+        old = live.get(bid)
+        actions.append((bid, "book" if old is None else "unchanged" if old == wanted[bid] else "rebook"))
+    return Comparison(
+        live,
+        [bid for bid, span in stored.items() if span[1] <= now],
+        [bid for bid in live if bid not in wanted],
+        actions,
+    )
 
 
 def suspicious(live: int, gone: int, wanted: int, force: bool) -> bool:

@@ -233,10 +233,9 @@ def _sync(feed_id: int, token: str, now: datetime, force: bool) -> dict[str, Any
             feed_id, token, now, "failed", f"the feed could not be expanded: {type(exc).__name__}", None
         )
 
-    # Ended occurrences are simply forgotten: their bookings ran their course.
-    live = {bid: span for bid, span in stored.items() if span[1] > now}
-    ended = [bid for bid, span in stored.items() if span[1] <= now]
-    gone = [bid for bid in live if bid not in wanted]
+    spans = {bid: (occurrence.start, occurrence.end) for bid, occurrence in wanted.items()}
+    plan = rules.compare(stored, spans, now)
+    live, ended, gone = plan.live, plan.ended, plan.gone
     if rules.suspicious(len(live), len(gone), len(wanted), force):
         detail = (
             f"{len(gone)} of the {len(live)} booked occurrences vanished at once; "
@@ -255,9 +254,9 @@ def _sync(feed_id: int, token: str, now: datetime, force: bool) -> dict[str, Any
     }
     keep: dict[str, tuple[datetime, datetime]] = {}
     refused: list[str] = []
-    for bid, occurrence in sorted(wanted.items(), key=lambda item: item[1].start):
-        old = live.get(bid)
-        if old == (occurrence.start, occurrence.end):
+    for bid, action in plan.actions:
+        occurrence, old = wanted[bid], live.get(bid)
+        if action == "unchanged" and old is not None:
             changes["unchanged"] += 1
             keep[bid] = old
             continue
@@ -277,8 +276,8 @@ def _sync(feed_id: int, token: str, now: datetime, force: bool) -> dict[str, Any
             if old is not None:
                 keep[bid] = old
             continue
-        changes["booked" if old is None else "rescheduled"] += 1
-        keep[bid] = (occurrence.start, occurrence.end)
+        changes["booked" if action == "book" else "rescheduled"] += 1
+        keep[bid] = spans[bid]
     for bid in gone:
         registry.cancel_booking(bid)
         changes["cancelled"] += 1
