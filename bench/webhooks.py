@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
-import hmac
 import json
 import os
 import random
@@ -29,6 +27,7 @@ import httpx
 from sqlalchemy import create_engine, text
 
 from bench.common import Booked, Stack, iso, machine, percentiles, tree_peak_rss_mib, utcnow
+from worker.adapters.signing import signature
 from worker.devtools.localredis import free_port
 from worker.store import sqlalchemy_url
 
@@ -36,10 +35,7 @@ SECRET = "bench-webhook-secret"
 
 
 def sign(body: bytes) -> str:
-    stamp = str(int(time.time()))
-    return (
-        f"t={stamp},v1=" + hmac.new(SECRET.encode(), f"{stamp}.".encode() + body, hashlib.sha256).hexdigest()
-    )
+    return signature(SECRET, body, int(time.time()))
 
 
 def bodies(rooms: list[dict[str, Any]], count: int) -> list[bytes]:

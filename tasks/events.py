@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from worker.jobs import delivery
+from worker.jobs import delivery, delivery_chain
 from worker.runtime.app import app
 
 
@@ -15,4 +15,4 @@ def deliver_events(booking_id: str, claim: str | None = None) -> dict[str, int]:
 
 @app.task(name="rooms.dispatch_deliveries")
 def dispatch_deliveries() -> int:
-    return delivery.dispatch_due()
+    return delivery_chain.dispatch_due()

@@ -25,7 +25,7 @@ from tests.test_notify_url import SECRET, Receiver
 from worker.adapters import metrics, metrics_export
 from worker.devtools.localredis import free_port
 from worker.faces.web.app import create_app
-from worker.jobs import delivery
+from worker.jobs import delivery, delivery_chain
 from worker.store import journal, session_scope
 from worker.store.models import DeliveryState, EventDelivery
 
@@ -48,7 +48,7 @@ def notify_store(database: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[lis
     metrics._client().delete(metrics.DELIVERIES_KEY, metrics.DELIVERY_LATENCY_KEY)
     sent: list[tuple[str, Any]] = []
     monkeypatch.setattr(
-        delivery, "send", lambda booking_id, claim=None, eta=None: sent.append((booking_id, eta))
+        delivery_chain, "send", lambda booking_id, claim=None, eta=None: sent.append((booking_id, eta))
     )
     yield sent
     apply_settings(ROOMKEEPER_NOTIFY_SIGNING_SECRET=None, ROOMKEEPER_OUTBOUND_ALLOWED_HOSTS=None)

@@ -28,6 +28,7 @@ from worker.faces.cli.main import cli
 from worker.faces.web.app import create_app
 from worker.jobs import booking
 from worker.jobs.feeds import registry, sync
+from worker.rules import feeds as feed_rules
 from worker.store import tokens
 from worker.store.models import Feed, FeedOccurrence, Outbox
 
@@ -418,7 +419,7 @@ def feed_events(name: str) -> list[str]:
 def test_feed_events_are_sent_on_a_change_of_state_only(
     previous: str | None, outcome: str, event: str | None
 ) -> None:
-    assert sync.feed_event(previous, outcome) == event
+    assert feed_rules.feed_event(previous, outcome) == event
 
 
 def test_a_feed_broken_for_a_day_sends_one_failed_and_one_recovered(
@@ -470,7 +471,7 @@ def test_a_feed_broken_for_a_day_sends_one_failed_and_one_recovered(
         (None, 300),  # no header: the feed's interval (ROOMKEEPER_FEED_POLL_INTERVAL_SECONDS)
         ("max-age=1800", 1800),  # not read again before it expires
         ("public, max-age=60", 300),  # never sooner than the interval
-        ("max-age=604800", sync.MAX_AGE_CAP_SECONDS),  # a week: capped, the horizon must move on
+        ("max-age=604800", feed_rules.MAX_AGE_CAP_SECONDS),  # a week: capped, the horizon must move on
         ("no-cache, max-age=1800", 300),
         ("no-store", 300),
         ("max-age=soon", 300),

@@ -28,7 +28,8 @@ from worker import store
 from worker.adapters.signing import receiver as receiver_key
 from worker.devtools.harness import ProcessSystem
 from worker.devtools.sandbox import SandboxAdmin, SandboxServer
-from worker.jobs import booking, delivery
+from worker.jobs import booking, delivery, delivery_chain
+from worker.rules import delivery as delivery_rules
 from worker.rules.validation import InvalidRequest
 from worker.runtime.app import app
 from worker.store import journal
@@ -325,7 +326,7 @@ def test_a_slow_receiver_holds_up_neither_other_receivers_nor_rooms(
 def test_a_receiver_down_for_a_while_gets_everything_in_order_when_it_comes_back(
     notify_system: str, receivers: list[Receiver], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(delivery, "BACKOFF_MAX_SECONDS", 2.0)  # the cap, scaled down from 5 minutes
+    monkeypatch.setattr(delivery_rules, "BACKOFF_MAX_SECONDS", 2.0)  # the cap, scaled down from 5 minutes
     # A port that refuses connections: bound, not listening.
     placeholder = socket.socket()
     placeholder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -554,7 +555,7 @@ def test_with_every_delivery_slot_taken_a_chain_waits_its_turn_without_an_attemp
             row = journal.delivery_row("busy-1", "room.ready", hook.url, {"event": "room.ready"}, utcnow())
             session.add(EventDelivery(**row))
         sent: list[tuple[str, str | None, Any]] = []
-        monkeypatch.setattr(delivery, "send", lambda b, c=None, eta=None: sent.append((b, c, eta)))
+        monkeypatch.setattr(delivery_chain, "send", lambda b, c=None, eta=None: sent.append((b, c, eta)))
         slots = delivery._get_slots(get_settings())
         while slots.acquire(receiver_key(hook.url)):
             pass
@@ -592,7 +593,7 @@ def test_an_event_whose_worker_was_killed_mid_post_is_sent_again_with_its_delive
     procs.kill_workers()  # SIGKILL while the POST waits for its answer
     hold.set()
     procs.start_worker()
-    # Its claim lapses (delivery.CLAIM) and beat's sweep sends the chain to the new worker.
+    # Its claim lapses (delivery_chain.CLAIM) and beat's sweep sends the chain to the new worker.
     procs.wait_for(lambda: hook.delivered_events("proc-crash") == ["room.ready"], timeout=90)
     # The receiver answers 200 before the worker records it: wait for the record too.
     procs.wait_for(

@@ -24,6 +24,7 @@ from config.settings import Settings
 from worker.adapters.outbound import OutboundRefused, check_url, is_public, pinned
 from worker.adapters.signing import receiver, shown_url, signature
 from worker.jobs import delivery
+from worker.rules import delivery as delivery_rules
 from worker.rules.validation import InvalidRequest, ScheduleRequest, validate
 
 SIGNED = Settings(notify_signing_secret="s" * 32)
@@ -255,24 +256,28 @@ def test_history_shows_no_query_string_or_credentials() -> None:
 def test_backoff_doubles_with_jitter_and_is_capped_at_five_minutes() -> None:
     rng = random.Random(7)
     for attempts in range(1, 40):
-        wait = delivery.backoff(attempts, rng).total_seconds()
+        wait = delivery_rules.backoff(attempts, rng.random()).total_seconds()
         ceiling = min(300.0, 2.0 ** (attempts - 1))
         assert ceiling / 2 <= wait <= ceiling
-    waits = {round(delivery.backoff(12, rng).total_seconds(), 3) for _ in range(20)}
+    waits = {round(delivery_rules.backoff(12, rng.random()).total_seconds(), 3) for _ in range(20)}
     assert len(waits) > 10, "jitter spreads receivers' retries apart"
 
 
 def test_retries_stop_at_the_window_and_the_last_one_lands_on_it() -> None:
-    settings = Settings(notify_retry_hours=24)
+    window = timedelta(hours=24)  # ROOMKEEPER_NOTIFY_RETRY_HOURS
     created = datetime(2030, 1, 1, tzinfo=UTC)
+
+    def next_attempt(attempts: int, now: datetime) -> datetime | None:
+        return delivery_rules.next_attempt(created, attempts, now, window, random.random())
+
     later = created + timedelta(hours=23, minutes=59, seconds=50)
-    assert delivery.next_attempt(created, 200, later, settings) == created + timedelta(hours=24)
-    assert delivery.next_attempt(created, 200, created + timedelta(hours=24), settings) is None
-    first = delivery.next_attempt(created, 1, created, settings)
+    assert next_attempt(200, later) == created + timedelta(hours=24)
+    assert next_attempt(200, created + timedelta(hours=24)) is None
+    first = next_attempt(1, created)
     assert first is not None and timedelta(seconds=0.5) <= first - created <= timedelta(seconds=1)
     # Down for an hour: every attempt after it comes back is at most five minutes away.
     hour = created + timedelta(hours=1)
-    retry = delivery.next_attempt(created, 60, hour, settings)
+    retry = next_attempt(60, hour)
     assert retry is not None and retry - hour <= timedelta(minutes=5)
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from config.settings import Settings
 from worker.adapters import whereby
-from worker.rules import lifecycle
+from worker.rules import lifecycle, retry
 from worker.rules.lifecycle import GiveUp, Retry
 from worker.rules.validation import InvalidRequest, ScheduleRequest, validate
 from worker.store import deployment
@@ -169,7 +169,7 @@ def test_caller_prefix_max_is_what_the_request_validation_enforces() -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# backoff_seconds()
+# retry.backoff(), with the jitter drawn by the caller
 
 
 def test_backoff_stays_between_half_and_all_of_the_ceiling() -> None:
@@ -177,13 +177,13 @@ def test_backoff_stays_between_half_and_all_of_the_ceiling() -> None:
     for attempt in range(1, 15):
         ceiling = min(300.0, 2.0 * 2 ** (attempt - 1))
         for _ in range(50):
-            delay = lifecycle.backoff_seconds(attempt, 2.0, 300.0, rng)
+            delay = retry.backoff(attempt, 2.0, 300.0, rng.random())
             assert ceiling / 2 <= delay <= ceiling
 
 
 def test_backoff_grows_exponentially() -> None:
     rng = random.Random(7)
-    delays = [lifecycle.backoff_seconds(attempt, 1.0, 10_000.0, rng) for attempt in range(1, 12)]
+    delays = [retry.backoff(attempt, 1.0, 10_000.0, rng.random()) for attempt in range(1, 12)]
     assert delays == sorted(delays)
     # Two attempts on, the smallest possible delay is twice the largest possible one before.
     for earlier, later in zip(delays, delays[2:], strict=False):
@@ -193,21 +193,21 @@ def test_backoff_grows_exponentially() -> None:
 
 def test_backoff_first_attempt_uses_the_base() -> None:
     rng = random.Random(3)
-    assert all(1.0 <= lifecycle.backoff_seconds(1, 2.0, 300.0, rng) <= 2.0 for _ in range(100))
+    assert all(1.0 <= retry.backoff(1, 2.0, 300.0, rng.random()) <= 2.0 for _ in range(100))
 
 
 @pytest.mark.parametrize("attempt", [9, 10, 20, 60, 100])
 def test_backoff_is_capped(attempt: int) -> None:
     rng = random.Random(attempt)
-    delays = [lifecycle.backoff_seconds(attempt, 2.0, 300.0, rng) for _ in range(200)]
+    delays = [retry.backoff(attempt, 2.0, 300.0, rng.random()) for _ in range(200)]
     assert all(150.0 <= delay <= 300.0 for delay in delays)
 
 
 def test_backoff_is_jittered_and_reproducible_with_a_seed() -> None:
-    first = [lifecycle.backoff_seconds(5, 2.0, 300.0, random.Random(42)) for _ in range(3)]
+    first = [retry.backoff(5, 2.0, 300.0, random.Random(42).random()) for _ in range(3)]
     assert first[0] == first[1] == first[2]
     rng = random.Random(42)
-    spread = {lifecycle.backoff_seconds(5, 2.0, 300.0, rng) for _ in range(20)}
+    spread = {retry.backoff(5, 2.0, 300.0, rng.random()) for _ in range(20)}
     assert len(spread) == 20
 
 

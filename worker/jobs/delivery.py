@@ -1,10 +1,10 @@
 """Events POSTed to a caller's notify URL (CONTRACT §4.4): signed, in order per booking, retried.
 
-Each booking's pending deliveries form a chain worked oldest first: only the head is ever tried,
-so a later event waits until the earlier one is delivered or given up. One run of the delivery task
-works one booking's chain, one POST at a time with short timeouts; a failure puts the head's next
-attempt in the store (exponential backoff with jitter, capped so that a receiver that comes back
-gets everything within minutes) and the run ends: no worker slot ever sleeps. The retry is sent
+Each booking's pending deliveries form a chain worked oldest first (`worker/jobs/delivery_chain.py`
+keeps it in the store): only the head is ever tried, so a later event waits until the earlier one
+is delivered or given up. One run of the delivery task works one booking's chain, one POST at a
+time with short timeouts; a failure puts the head's next attempt in the store (the backoff of
+`worker/rules/delivery.py`) and the run ends: no worker slot ever sleeps. The retry is sent
 with an ETA when it falls before the dispatcher's next tick, else beat's sweep sends it, as for
 rooms. After ROOMKEEPER_NOTIFY_RETRY_HOURS an event is given up and recorded as undelivered.
 
@@ -19,47 +19,32 @@ import logging
 import random
 import threading
 import time
-import uuid
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from datetime import datetime, timedelta
+from collections.abc import Callable
+from datetime import timedelta
 from importlib import metadata
-from typing import Any
 
 import httpx
-from sqlalchemy import and_, exists, or_, update
-from sqlalchemy import event as sa_event
-from sqlalchemy.orm import aliased
-from sqlmodel import col, select
 
 from config.settings import Settings, get_settings
-from worker.adapters import metrics
 from worker.adapters.outbound import OutboundRefused, connect_address, pinned
 from worker.adapters.signing import receiver, shown_url, signature
-from worker.jobs.dispatch import dispatch_horizon
+from worker.jobs import delivery_chain as chain
+from worker.jobs.delivery_chain import Head, Outcome
+from worker.rules import delivery as rules
 from worker.runtime import resources
-from worker.runtime.app import app
-from worker.store import journal, session_scope
-from worker.store.models import DeliveryState, EventDelivery, utcnow
+from worker.store.models import utcnow
 
 log = logging.getLogger(__name__)
 
-TASK = journal.DELIVER_TASK
 # One attempt: connecting may take CONNECT_SECONDS, each read or write TIMEOUT_SECONDS, and the
 # whole attempt (the address check included) TOTAL_SECONDS, however slowly a receiver answers.
 CONNECT_SECONDS = 3.0
 TIMEOUT_SECONDS = 10.0
 TOTAL_SECONDS = 10.0
-# A run's claim on its head outlasts one attempt; a run that died leaves it to beat's sweep after.
-CLAIM = timedelta(seconds=30)
-# Backoff between attempts: BACKOFF_BASE_SECONDS doubling, capped, each wait drawn in [½, 1] of it.
-BACKOFF_BASE_SECONDS = 1.0
-BACKOFF_MAX_SECONDS = 300.0
 # A run hands its chain to a fresh message after this long, so a long chain shares the workers.
 RUN_SECONDS = 15.0
 # When a run finds no delivery slot free, its message is sent again after about this long.
 BUSY_RETRY_SECONDS = 1.0
-CLAIM_TOLERANCE = timedelta(seconds=1)  # an ETA message may run a little before due_at on a skewed host
 
 try:
     USER_AGENT = f"roomkeeper/{metadata.version('roomkeeper')}"
@@ -123,50 +108,7 @@ def _get_slots(settings: Settings) -> _Slots:
 
 
 # --------------------------------------------------------------------------------------------
-# The rules: backoff and when to give up.
-
-
-def backoff(attempts: int, rng: random.Random | None = None) -> timedelta:
-    """The wait after the `attempts`-th failed attempt: doubling, capped, with jitter."""
-    ceiling = min(BACKOFF_MAX_SECONDS, BACKOFF_BASE_SECONDS * 2 ** max(0, attempts - 1))
-    return timedelta(seconds=ceiling * (rng or random).uniform(0.5, 1.0))
-
-
-def next_attempt(created_at: datetime, attempts: int, now: datetime, settings: Settings) -> datetime | None:
-    """When to try again after a failure, or None when the retry window has run out."""
-    deadline = created_at + timedelta(hours=settings.notify_retry_hours)
-    if now >= deadline:
-        return None
-    return min(now + backoff(attempts), deadline)
-
-
-# --------------------------------------------------------------------------------------------
 # One attempt.
-
-
-@dataclass(frozen=True)
-class Head:
-    """The oldest pending delivery of a booking, as read before it is tried."""
-
-    pk: int
-    delivery_id: str
-    booking_id: str
-    event: str
-    url: str
-    body: str
-    created_at: datetime
-    due_at: datetime
-    attempts: int
-    claim_token: str | None
-    claim_until: datetime | None
-
-
-@dataclass(frozen=True)
-class Outcome:
-    delivered: bool
-    status: int | None
-    error: str
-    elapsed: float
 
 
 def post(head: Head, settings: Settings) -> Outcome:
@@ -253,191 +195,7 @@ def _describe(exc: Exception, url: str, sent_to: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# A booking's chain.
-
-
-def _head(booking_id: str) -> Head | None:
-    with session_scope() as session:
-        row = session.execute(
-            select(EventDelivery)
-            .where(col(EventDelivery.booking_id) == booking_id, col(EventDelivery.pending).is_(True))
-            .order_by(col(EventDelivery.id))
-            .limit(1)
-        ).scalar_one_or_none()
-        if row is None:
-            return None
-        assert row.id is not None
-        return Head(
-            row.id,
-            row.delivery_id,
-            row.booking_id,
-            row.event,
-            row.url,
-            row.body,
-            row.created_at,
-            row.due_at,
-            row.attempts,
-            row.claim_token,
-            row.claim_until,
-        )
-
-
-def _claimable(claim: str | None, now: datetime) -> Any:
-    free = or_(col(EventDelivery.claim_until).is_(None), col(EventDelivery.claim_until) < now)
-    return or_(free, col(EventDelivery.claim_token) == claim) if claim else free
-
-
-def _claim(head: Head, claim: str | None, now: datetime) -> str | None:
-    """Take the head for one attempt; None when another run has it."""
-    token = uuid.uuid4().hex
-    with session_scope() as session:
-        taken = (
-            session.execute(
-                update(EventDelivery)
-                .where(
-                    col(EventDelivery.id) == head.pk,
-                    col(EventDelivery.pending).is_(True),
-                    _claimable(claim, now),
-                )
-                .values(claim_token=token, claim_until=now + CLAIM, attempts=col(EventDelivery.attempts) + 1)
-                .returning(col(EventDelivery.id))
-            ).first()
-            is not None
-        )
-    return token if taken else None
-
-
-def _finish(
-    head: Head, token: str, outcome: Outcome, settings: Settings
-) -> tuple[bool, datetime | None, str]:
-    """Record the attempt. Returns (the chain may go on, the retry's ETA to send, its claim)."""
-    now = utcnow()
-    attempts = head.attempts + 1
-    mine = and_(col(EventDelivery.id) == head.pk, col(EventDelivery.claim_token) == token)
-    shown = shown_url(head.url)
-    with session_scope() as session:
-        if outcome.delivered:
-            done = (
-                session.execute(
-                    update(EventDelivery)
-                    .where(mine)
-                    .values(
-                        pending=False,
-                        state=DeliveryState.DELIVERED,
-                        finished_at=now,
-                        claim_token=None,
-                        claim_until=None,
-                        last_status=outcome.status,
-                        last_error=None,
-                    )
-                    .returning(col(EventDelivery.id))
-                ).first()
-                is not None
-            )
-            if done:
-                _count_after_commit(session, "delivered", (now - head.created_at).total_seconds())
-                journal.note(
-                    session,
-                    head.booking_id,
-                    "event",
-                    f"delivered {head.event} to {shown}",
-                    f"HTTP {outcome.status} in {outcome.elapsed:.3f}s, attempt {attempts}, "
-                    f"delivery {head.delivery_id}",
-                )
-                log.info(
-                    "booking %s: delivered %s to %s (HTTP %s, attempt %d)",
-                    head.booking_id,
-                    head.event,
-                    shown,
-                    outcome.status,
-                    attempts,
-                )
-            return True, None, ""
-        retry_at = next_attempt(head.created_at, attempts, now, settings)
-        if retry_at is None:
-            given_up = (
-                session.execute(
-                    update(EventDelivery)
-                    .where(mine)
-                    .values(
-                        pending=False,
-                        state=DeliveryState.UNDELIVERED,
-                        finished_at=now,
-                        claim_token=None,
-                        claim_until=None,
-                        last_status=outcome.status,
-                        last_error=outcome.error,
-                    )
-                    .returning(col(EventDelivery.id))
-                ).first()
-                is not None
-            )
-            if given_up:
-                _count_after_commit(session, "undelivered")
-                journal.note(
-                    session,
-                    head.booking_id,
-                    "event",
-                    f"undelivered {head.event} to {shown}",
-                    f"gave up after {attempts} attempts in {settings.notify_retry_hours:g} h, "
-                    f"delivery {head.delivery_id}: {outcome.error}",
-                )
-                log.warning(
-                    "booking %s: gave up delivering %s to %s after %d attempts: %s",
-                    head.booking_id,
-                    head.event,
-                    shown,
-                    attempts,
-                    outcome.error,
-                )
-            return True, None, ""
-        # Sent with an ETA now when it falls before the dispatcher's next tick (its claim then
-        # keeps the sweep off it); later retries wait in the store for beat's sweep.
-        soon = retry_at <= dispatch_horizon(now, settings)
-        retry_claim = uuid.uuid4().hex if soon else None
-        retrying = session.execute(
-            update(EventDelivery)
-            .where(mine)
-            .values(
-                due_at=retry_at,
-                claim_token=retry_claim,
-                claim_until=retry_at + CLAIM if soon else None,
-                last_status=outcome.status,
-                last_error=outcome.error,
-            )
-            .returning(col(EventDelivery.id))
-        ).first()
-        if retrying is not None:
-            _count_after_commit(session, "retrying")
-        log.warning(
-            "booking %s: delivering %s to %s failed (attempt %d: %s); next attempt at %s",
-            head.booking_id,
-            head.event,
-            shown,
-            attempts,
-            outcome.error,
-            retry_at.isoformat(timespec="milliseconds"),
-        )
-        return False, (retry_at if soon else None), retry_claim or ""
-
-
-def _count_after_commit(session: Any, outcome: str, latency: float | None = None) -> None:
-    """Count the attempt for /metrics once its outcome is stored (in Redis: every web process
-    serves the same counters, and they stay monotonic when old delivery rows are pruned)."""
-    sa_event.listen(
-        session, "after_commit", lambda _session: metrics.observe_delivery(outcome, latency), once=True
-    )
-
-
-def send(booking_id: str, claim: str | None = None, eta: datetime | None = None) -> None:
-    """Send the delivery task for one booking's chain."""
-    app.send_task(
-        TASK,
-        kwargs={"booking_id": booking_id, "claim": claim},
-        queue=get_settings().queue,
-        eta=eta,
-        ignore_result=True,
-    )
+# A run of a booking's chain.
 
 
 def deliver(booking_id: str, claim: str | None = None) -> dict[str, int]:
@@ -447,32 +205,31 @@ def deliver(booking_id: str, claim: str | None = None) -> dict[str, int]:
     counts = {"delivered": 0, "undelivered": 0, "retrying": 0}
     started = time.monotonic()
     while True:
-        head = _head(booking_id)
+        head = chain.head(booking_id)
         now = utcnow()
-        if head is None or head.due_at > now + CLAIM_TOLERANCE:
-            return counts  # nothing left, or not due: its own message or beat's sweep will come
-        held = head.claim_until is not None and head.claim_until >= now
-        if held and not (claim and head.claim_token == claim):
-            return counts  # another run works this chain (or holds its retry)
+        if head is None or not rules.may_try(head.due_at, head.claim_token, head.claim_until, claim, now):
+            # Nothing left; or not due (its own message or beat's sweep will come); or another run
+            # works this chain (or holds its retry).
+            return counts
         if time.monotonic() - started > RUN_SECONDS:
-            send(booking_id, claim)  # a fresh message, so a long chain takes turns with other work
+            chain.send(booking_id, claim)  # a fresh message, so a long chain takes turns with other work
             return counts
         key = receiver(head.url)
         if not slots.acquire(key):
             # Every delivery slot (or this receiver's share) is taken: try again in a moment,
             # leaving the slot to room work meanwhile.
             delay = BUSY_RETRY_SECONDS * random.uniform(1.0, 2.0)
-            send(booking_id, claim, eta=now + timedelta(seconds=delay))
+            chain.send(booking_id, claim, eta=now + timedelta(seconds=delay))
             return counts
         release_now = True
         try:
-            token = _claim(head, claim, now)
+            token = chain.claim(head, claim, now)
             if token is None:
                 return counts
             claim = None  # spent: the next head of the chain is free
             attempt = _Attempt(head, settings, functools.partial(slots.release, key))
             outcome, release_now = attempt.run(TOTAL_SECONDS)
-            goes_on, retry_at, retry_claim = _finish(head, token, outcome, settings)
+            goes_on, retry_at, retry_claim = chain.finish(head, token, outcome, settings)
         finally:
             if release_now:
                 slots.release(key)
@@ -483,53 +240,5 @@ def deliver(booking_id: str, claim: str | None = None) -> dict[str, int]:
         else:
             counts["retrying"] += 1
             if retry_at is not None:
-                send(booking_id, retry_claim, eta=retry_at)
+                chain.send(booking_id, retry_claim, eta=retry_at)
             return counts
-
-
-def dispatch_due(limit: int = 500) -> int:
-    """Beat's sweep: send the chains whose head is due before the next tick and not held.
-
-    Finds retries left to it, and chains whose run died (its claim lapsed)."""
-    settings = get_settings()
-    now = utcnow()
-    horizon = dispatch_horizon(now, settings)
-    token = uuid.uuid4().hex
-    earlier = aliased(EventDelivery)
-    is_head = ~exists().where(
-        col(earlier.booking_id) == col(EventDelivery.booking_id),
-        col(earlier.pending).is_(True),
-        col(earlier.id) < col(EventDelivery.id),
-    )
-    ready = and_(
-        col(EventDelivery.pending).is_(True),
-        col(EventDelivery.due_at) <= horizon,
-        _claimable(None, now),
-    )
-    sent = 0
-    while True:
-        with session_scope() as session:
-            picked = list(
-                session.execute(
-                    select(EventDelivery.id)
-                    .where(ready, is_head)
-                    .order_by(col(EventDelivery.due_at))
-                    .limit(limit)
-                ).scalars()
-            )
-            if not picked:
-                break
-            rows: Sequence[Any] = session.execute(
-                update(EventDelivery)
-                .where(col(EventDelivery.id).in_(picked), ready)
-                .values(claim_token=token, claim_until=horizon + CLAIM)
-                .returning(col(EventDelivery.booking_id), col(EventDelivery.due_at))
-            ).all()
-        for booking_id, due_at in rows:
-            send(booking_id, token, eta=max(due_at, now))
-        sent += len(rows)
-        if len(picked) < limit:
-            break
-    if sent:
-        log.info("sent %d event delivery chains", sent)
-    return sent

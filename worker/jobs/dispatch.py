@@ -24,7 +24,7 @@ from sqlmodel import Session, col, select
 
 from config.settings import Settings, get_settings
 from worker.runtime.app import app
-from worker.store import session_scope
+from worker.store import leases, session_scope
 from worker.store.claims import DISPATCH_CLAIM, RESEND_CLAIM, RUN_CLAIM, M
 from worker.store.models import Meeting, Room, utcnow
 
@@ -63,7 +63,7 @@ def dispatch_horizon(now: datetime, settings: Settings) -> datetime:
 
 def unheld(model: type[M], now: datetime) -> ColumnElement[bool]:
     """No message or run of the row is alive: never sent, done with, or its lease lapsed."""
-    return or_(col(model.claim_until).is_(None), col(model.claim_until) < now)
+    return leases.lapsed(model, now)
 
 
 def claim_due(
@@ -108,12 +108,15 @@ def claim_due(
         # The lease covers the message until a worker receives it and renews it itself: a lease
         # past the row's ETA (due now: from now).
         until = case((col(model.due_at) <= now, now + lease), else_=horizon + lease)
-        returned = session.execute(
-            update(model)
-            .where(col(model.id).in_(pks), due)
-            .values(claim_token=token, claim_until=until)
-            .returning(col(model.id), col(model.due_at), owner)
-        ).all()
+        returned = leases.take(
+            session,
+            model,
+            col(model.id).in_(pks),
+            due,
+            until,
+            token=token,
+            returning=(col(model.id), col(model.due_at), owner),
+        )
         rows.extend((pk, due_at, meeting, token) for pk, due_at, meeting in returned)
         if prefix == RESEND_CLAIM:
             overdue = [(pk, due_at) for pk, due_at, _ in returned if due_at <= now]

@@ -11,12 +11,12 @@ import logging
 import threading
 from datetime import timedelta
 
-from sqlalchemy import and_, or_, update
+from sqlalchemy import and_, update
 from sqlmodel import col, select
 
 from worker.runtime import resources
 from worker.runtime.app import app
-from worker.store import session_scope
+from worker.store import leases, session_scope
 from worker.store.models import Outbox, utcnow
 
 log = logging.getLogger(__name__)
@@ -59,24 +59,23 @@ def _flush_pass(limit: int) -> int:
     sent = 0
     while True:
         now = utcnow()
-        ready = and_(
-            col(Outbox.pending).is_(True),
-            or_(col(Outbox.claim_until).is_(None), col(Outbox.claim_until) < now),
-        )
+        ready = and_(col(Outbox.pending).is_(True), leases.lapsed(Outbox, now))
         oldest = select(Outbox.id).where(ready).order_by(col(Outbox.id)).limit(limit)
         with session_scope() as session:
-            claimed = session.execute(
-                update(Outbox)
-                .where(col(Outbox.id).in_(oldest.scalar_subquery()), ready)
-                .values(claim_until=now + CLAIM)
-                .returning(
+            claimed = leases.take(
+                session,
+                Outbox,
+                and_(col(Outbox.id).in_(oldest.scalar_subquery()), col(Outbox.pending).is_(True)),
+                leases.lapsed(Outbox, now),
+                now + CLAIM,
+                returning=(
                     col(Outbox.id),
                     col(Outbox.booking_id),
                     col(Outbox.task),
                     col(Outbox.queue),
                     col(Outbox.kwargs),
-                )
-            ).all()
+                ),
+            )
         if not claimed:
             return sent
         rows = sorted(claimed, key=lambda row: row.id)  # RETURNING has no order; events go in id order

@@ -10,6 +10,7 @@ from datetime import datetime, timedelta
 
 from config.settings import Settings
 from worker.adapters import whereby
+from worker.rules import retry
 
 _TAG_ALPHABET = string.ascii_lowercase + string.digits
 TAG_LENGTH = 8
@@ -44,13 +45,6 @@ def covers(room_end_date: datetime, needed_end: datetime) -> bool:
 
 def new_tag() -> str:
     return "".join(secrets.choice(_TAG_ALPHABET) for _ in range(TAG_LENGTH))
-
-
-def backoff_seconds(attempt: int, base: float, cap: float, rng: random.Random | None = None) -> float:
-    """Exponential backoff with jitter: between half and all of min(cap, base * 2**(attempt-1))."""
-    # The exponent is bounded first: deletions retry without end, and 2.0**1100 overflows.
-    ceiling = min(cap, base * 2 ** min(max(attempt - 1, 0), 60))
-    return (rng or random).uniform(ceiling / 2, ceiling)
 
 
 # After a 401 every worker stops calling Whereby this long: a bad key is not fixed by retrying.
@@ -99,7 +93,8 @@ def create_retry_delay(
     past the meeting's start. Far from the start the wait is at most half the time left, so
     attempts close in on it; near the start (or past it, the meeting waiting for its room) they
     come every second or so."""
-    delay = backoff_seconds(attempts, settings.retry_base_seconds, settings.retry_max_seconds, rng)
+    jitter = (rng or random).random()
+    delay = retry.backoff(attempts, settings.retry_base_seconds, settings.retry_max_seconds, jitter)
     if start is None:
         return delay
     left = (start - now).total_seconds()
@@ -141,7 +136,7 @@ def after_delete_error(error: Exception, attempts: int, now: datetime, settings:
         return now + timedelta(seconds=error.retry_after + random.uniform(0, 1))
     if isinstance(error, whereby.AuthenticationError):
         return now + timedelta(seconds=AUTH_PAUSE_SECONDS + random.uniform(0, 1))
-    delay = backoff_seconds(attempts, settings.retry_base_seconds, settings.retry_max_seconds)
+    delay = retry.backoff(attempts, settings.retry_base_seconds, settings.retry_max_seconds, random.random())
     return now + timedelta(seconds=delay)
 
 

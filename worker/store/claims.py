@@ -9,7 +9,8 @@ pass (`o…`: the message was sent again) or a running task (`r…`). `claim_unt
 worker renews the lease of every message it holds (received, waiting for its ETA or a free thread)
 and of every run it is doing, each third of a lease; a worker that dies stops renewing, and the
 dispatcher sends the row again one lease later. A message that no worker ever received (lost with
-the broker, or sent while no worker runs) lapses the same way.
+the broker, or sent while no worker runs) lapses the same way. The leases themselves are taken,
+renewed and released by `worker/store/leases.py`, as every other lease in the store.
 """
 
 from __future__ import annotations
@@ -17,27 +18,24 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
-from sqlalchemy import ColumnElement, Row, and_, not_, or_, update
+from sqlalchemy import ColumnElement, Row, and_, not_, or_
 from sqlmodel import Session, col
 
 from config.settings import Settings, SettingsError, get_settings
 from worker.rules.facts import EARLY_SLACK
 from worker.runtime import resources
-from worker.store import session_scope
+from worker.store import leases, session_scope
 from worker.store.models import Meeting, Room, utcnow
 
 log = logging.getLogger(__name__)
 
 DISPATCH_CLAIM, RESEND_CLAIM, RUN_CLAIM = "d", "o", "r"
 M = TypeVar("M", Meeting, Room)
-# Rows renewed per statement: well inside every database's limit on bound parameters.
-RENEW_CHUNK = 500
 
 
 def takeable(model: type[M], now: datetime) -> ColumnElement[bool]:
@@ -58,20 +56,18 @@ def take(session: Session, model: type[M], pk: int, settings: Settings, *columns
     """Start a run on the row if a message may act on it now; None when there is nothing to do
     (done, not due, or another copy of the message is running it).
 
-    One Core UPDATE … RETURNING: the row's new `claim_token` (the run's token) and `columns`."""
-    run = RUN_CLAIM + uuid.uuid4().hex
+    One lease taken (`worker/store/leases.py`): the row's new `claim_token` (the run's) and `columns`."""
     now = utcnow()
-    lease = now + timedelta(seconds=settings.claim_lease_seconds)
-    return (
-        session.connection()
-        .execute(
-            update(model)
-            .where(col(model.id) == pk, takeable(model, now))
-            .values(claim_token=run, claim_until=lease)
-            .returning(col(model.claim_token), *columns)
-        )
-        .one_or_none()
+    taken = leases.take(
+        session,
+        model,
+        col(model.id) == pk,
+        takeable(model, now),
+        now + timedelta(seconds=settings.claim_lease_seconds),
+        token=leases.new_token(RUN_CLAIM),
+        returning=(col(model.claim_token), *columns),
     )
+    return taken[0] if taken else None
 
 
 NOTHING_TO_DO = "skipped: not due, or done, or running (a copy of this message)"
@@ -154,24 +150,11 @@ class Renewer:
         """Renew every lease held here. A message whose row moved on (a copy started it, it was
         rescheduled or cancelled) matches nothing and is forgotten: nothing is held for it now."""
         until = utcnow() + timedelta(seconds=lease)
-        alive: set[tuple[type[Meeting] | type[Room], int, str]] = set()
+        alive: set[Key] = set()
         with session_scope() as session:
             for model in (Meeting, Room):
                 keys = [(pk, token) for kind, pk, token in held if kind is model]
-                for start in range(0, len(keys), RENEW_CHUNK):
-                    chunk = keys[start : start + RENEW_CHUNK]
-                    # Tokens are unique (a run's) or one per dispatch pass: few, and a token can
-                    # only match the rows it was given to.
-                    renewed = session.execute(
-                        update(model)
-                        .where(
-                            col(model.id).in_({pk for pk, _ in chunk}),
-                            col(model.claim_token).in_({token for _, token in chunk}),
-                        )
-                        .values(claim_until=until)
-                        .returning(col(model.id), col(model.claim_token))
-                    ).all()
-                    alive.update((model, pk, token) for pk, token in renewed)
+                alive.update((model, pk, token) for pk, token in leases.renew(session, model, keys, until))
         gone = {key for key in held if key not in alive and not key[2].startswith(RUN_CLAIM)}
         if gone:
             with self._lock:

@@ -9,9 +9,7 @@ Every attempt lands in the log that /_sandbox/webhooks serves.
 
 from __future__ import annotations
 
-import hashlib
 import heapq
-import hmac
 import itertools
 import json
 import logging
@@ -25,6 +23,7 @@ from typing import Any
 
 import httpx
 
+from worker.adapters.signing import signature
 from worker.devtools.sandbox.config import SandboxConfig
 from worker.devtools.sandbox.wire import iso_ts
 
@@ -37,11 +36,6 @@ REORDER_DELAY_SECONDS = (0.5, 1.5)
 # How often the thread asks the sandbox for session ends that came due with no call to notice them.
 TICK_SECONDS = 0.1
 LOG_LIMIT = 10000
-
-
-def signature(secret: str, timestamp: int, body: bytes) -> str:
-    digest = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
-    return f"t={timestamp},v1={digest}"
 
 
 @dataclass
@@ -158,7 +152,7 @@ class WebhookSender:
     def _send(self, client: httpx.Client, delivery: Delivery, generation: int) -> None:
         headers = {"Content-Type": "application/json", "User-Agent": "whereby-sandbox-webhooks"}
         if delivery.secret:
-            headers["Whereby-Signature"] = signature(delivery.secret, int(time.time()), delivery.body)
+            headers["Whereby-Signature"] = signature(delivery.secret, delivery.body, int(time.time()))
         status: int | None = None
         failure: str | None = None
         try:

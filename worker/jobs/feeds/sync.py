@@ -8,7 +8,8 @@ complete, successful read no longer holds (deleted, or cancelled) is cancelled (
 
 Nothing changes when the read fails (error, timeout, non-2xx), answers HTML or anything that is not
 a complete VCALENDAR, or suddenly loses most of its occurrences (more than `MASS_LOSS_MIN` and more
-than half of those booked in the horizon vanish at once, with the new count under half the old):
+than half of those booked in the horizon vanish at once, with the new count under half the old;
+`worker/rules/feeds.py` decides):
 the poll is recorded (`last_outcome` `failed` or `suspicious`, the feed's history, a log line) and,
 when the feed was not in that state already, the event `feed.failed` / `feed.suspicious` goes to the
 feed's notify, with `booking_id` `feed:{NAME}`; the first ok poll after them sends `feed.recovered`.
@@ -20,7 +21,6 @@ the feed limits (`worker/adapters/calendars/limits.py`) leave out is booked neve
 from __future__ import annotations
 
 import logging
-import uuid
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -32,20 +32,18 @@ from config.settings import get_settings
 from worker.adapters.calendars import expand, limits, source
 from worker.jobs import booking
 from worker.jobs.feeds import registry
+from worker.rules import feeds as rules
 from worker.rules.lifecycle import fmt
 from worker.rules.validation import (
     InvalidRequest,
     ScheduleRequest,
 )
-from worker.store import journal, session_scope
+from worker.store import journal, leases, session_scope
 from worker.store.models import EventDelivery, Feed, FeedOccurrence, Outbox, utcnow
 
 log = logging.getLogger(__name__)
 
 CLAIM_LEASE_SECONDS = 300
-MASS_LOSS_MIN = 3
-# The longest an ICS feed's Cache-Control max-age delays its next poll: the horizon must move on.
-MAX_AGE_CAP_SECONDS = 3600
 
 
 # ---------------------------------------------------------------------------------------------
@@ -53,35 +51,20 @@ MAX_AGE_CAP_SECONDS = 3600
 
 
 def _claim(name: str, now: datetime) -> tuple[int, str] | None:
-    token = uuid.uuid4().hex
+    """Lease the feed for one sync; None when another sync holds it."""
+    token = leases.new_token()
     with session_scope() as session:
         feed = registry.known(session, name)
-        taken = session.connection().execute(
-            update(Feed)
-            .where(
-                col(Feed.id) == feed.id,
-                or_(col(Feed.claim_until).is_(None), col(Feed.claim_until) < now),
-            )
-            .values(claim_token=token, claim_until=now + timedelta(seconds=CLAIM_LEASE_SECONDS))
-        )
-        if taken.rowcount != 1:
-            return None
         assert feed.id is not None
-        return feed.id, token
-
-
-UNHEALTHY = ("failed", "suspicious")
-
-
-def feed_event(previous: str | None, outcome: str) -> str | None:
-    """The event a poll sends, from the outcome of the poll before it: `feed.failed` or
-    `feed.suspicious` when the feed enters that state, `feed.recovered` when an ok poll ends a
-    failed or suspicious run, nothing while the state holds."""
-    if outcome in UNHEALTHY:
-        return None if previous == outcome else f"feed.{outcome}"
-    if outcome == "ok" and previous in UNHEALTHY:
-        return "feed.recovered"
-    return None
+        taken = leases.take(
+            session,
+            Feed,
+            col(Feed.id) == feed.id,
+            leases.lapsed(Feed, now),
+            now + timedelta(seconds=CLAIM_LEASE_SECONDS),
+            token=token,
+        )
+        return (feed.id, token) if taken else None
 
 
 def _event(session: Any, feed: Feed, event: str, detail: str, now: datetime) -> None:
@@ -132,7 +115,7 @@ def _finish(
         # Quiet while broken: the event goes once when the feed starts failing (or turns from failed
         # to suspicious, or back), and `feed.recovered` once when a poll is ok again; the polls in
         # between are recorded (history, log) but send nothing.
-        event = feed_event(feed.last_outcome, outcome)
+        event = rules.feed_event(feed.last_outcome, outcome)
         feed.last_poll_at = now
         feed.last_outcome = outcome
         feed.last_detail = detail
@@ -140,7 +123,6 @@ def _finish(
             feed.last_changes = changes
         if count is not None:
             feed.occurrence_count = count
-        wait = settings.feed_poll_interval_seconds
         if fetched is not None:
             if fetched.modified:
                 feed.downloads += 1
@@ -149,20 +131,18 @@ def _finish(
                 feed.last_modified = fetched.last_modified
             else:
                 feed.not_modified += 1
-            # Cache-Control: max-age: the source asks not to be read again before then. Never
-            # sooner than the interval, and never later than MAX_AGE_CAP_SECONDS.
-            if fetched.max_age is not None:
-                wait = max(wait, min(fetched.max_age, MAX_AGE_CAP_SECONDS))
         entry = {"at": fmt(now), "outcome": outcome, "detail": detail, "changes": changes}
         feed.history = [*(feed.history or []), entry][-registry.HISTORY_KEEP :]
-        if feed.claim_token == token:
-            feed.claim_token = None
-            feed.claim_until = None
-        feed.next_poll_at = max(feed.next_poll_at or now, now + timedelta(seconds=wait))
+        leases.release(session, Feed, feed_id, token)
+        # Cache-Control: max-age: the source asks not to be read again before then.
+        max_age = fetched.max_age if fetched is not None else None
+        feed.next_poll_at = rules.next_poll(
+            feed.next_poll_at, now, settings.feed_poll_interval_seconds, max_age
+        )
         if event is not None:
             _event(session, feed, event, detail, now)
         result = registry.describe(feed)
-    if outcome in UNHEALTHY:
+    if outcome in rules.UNHEALTHY:
         log.warning("feed %s: %s, nothing changed: %s", result["name"], outcome, detail)
     else:
         log.info("feed %s: %s: %s", result["name"], outcome, detail)
@@ -188,11 +168,7 @@ def sync_feed(name: str, *, now: datetime | None = None, force: bool = False) ->
     except Exception:
         # Unexpected: release the claim for the next poll, and let the caller see the error.
         with session_scope() as session:
-            session.connection().execute(
-                update(Feed)
-                .where(col(Feed.id) == feed_id, col(Feed.claim_token) == token)
-                .values(claim_token=None, claim_until=None)
-            )
+            leases.release(session, Feed, feed_id, token)
         raise
 
 
@@ -257,11 +233,10 @@ def _sync(feed_id: int, token: str, now: datetime, force: bool) -> dict[str, Any
             feed_id, token, now, "failed", f"the feed could not be expanded: {type(exc).__name__}", None
         )
 
-    # Ended occurrences are simply forgotten: their bookings ran their course.
-    live = {bid: span for bid, span in stored.items() if span[1] > now}
-    ended = [bid for bid, span in stored.items() if span[1] <= now]
-    gone = [bid for bid in live if bid not in wanted]
-    if not force and len(gone) > MASS_LOSS_MIN and len(gone) * 2 > len(live) and len(wanted) * 2 < len(live):
+    spans = {bid: (occurrence.start, occurrence.end) for bid, occurrence in wanted.items()}
+    plan = rules.compare(stored, spans, now)
+    live, ended, gone = plan.live, plan.ended, plan.gone
+    if rules.suspicious(len(live), len(gone), len(wanted), force):
         detail = (
             f"{len(gone)} of the {len(live)} booked occurrences vanished at once; "
             "nothing was changed (sync with --force to accept)"
@@ -279,9 +254,9 @@ def _sync(feed_id: int, token: str, now: datetime, force: bool) -> dict[str, Any
     }
     keep: dict[str, tuple[datetime, datetime]] = {}
     refused: list[str] = []
-    for bid, occurrence in sorted(wanted.items(), key=lambda item: item[1].start):
-        old = live.get(bid)
-        if old == (occurrence.start, occurrence.end):
+    for bid, action in plan.actions:
+        occurrence, old = wanted[bid], live.get(bid)
+        if action == "unchanged" and old is not None:
             changes["unchanged"] += 1
             keep[bid] = old
             continue
@@ -301,8 +276,8 @@ def _sync(feed_id: int, token: str, now: datetime, force: bool) -> dict[str, Any
             if old is not None:
                 keep[bid] = old
             continue
-        changes["booked" if old is None else "rescheduled"] += 1
-        keep[bid] = (occurrence.start, occurrence.end)
+        changes["booked" if action == "book" else "rescheduled"] += 1
+        keep[bid] = spans[bid]
     for bid in gone:
         registry.cancel_booking(bid)
         changes["cancelled"] += 1
