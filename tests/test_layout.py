@@ -266,14 +266,8 @@ def test_the_checker_sees_the_product() -> None:
     assert any(i.target == "worker.runtime.resources" for i in GRAPH["worker.store"])
 
 
-@pytest.mark.xfail(strict=True, reason="worker/jobs/delivery.py is being split on another branch of issue 18")
 def test_no_product_module_is_over_400_lines() -> None:
     assert long_modules(TEXTS) == {}
-
-
-def test_no_product_module_is_over_400_lines_but_the_one_being_split() -> None:
-    # Goes when the test above is no longer expected to fail.
-    assert set(long_modules(TEXTS)) <= {"worker.jobs.delivery"}
 
 
 def test_no_import_cycle_between_product_modules() -> None:

@@ -11,7 +11,6 @@ import logging
 import os
 import threading
 
-from worker.faces.web import health
 from worker.runtime import celery_fixes, resources
 from worker.store import journal
 
@@ -34,5 +33,4 @@ def start() -> None:
         os.register_at_fork(after_in_child=_reset_after_fork)
         celery_fixes.install()  # before any Celery event dispatcher flushes
         journal.install()  # history and outbox rows are written just before each commit
-        health.install()  # probes stay out of the access log
         logging.getLogger("httpx").setLevel(logging.WARNING)

@@ -18,6 +18,7 @@ def create_app() -> FastAPI:
     from worker.runtime import process
 
     process.start()  # once per process: this factory is the web process's entry
+    health.install()  # probes stay out of the access log
 
     app = FastAPI(
         title="roomkeeper",

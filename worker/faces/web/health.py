@@ -44,7 +44,7 @@ class QuietProbes(logging.Filter):
 
 
 def install() -> None:
-    """Keep the probes out of uvicorn's access log (called by worker.runtime.process.start)."""
+    """Keep the probes out of uvicorn's access log (called by the app's factory, worker/faces/web/app.py)."""
     access = logging.getLogger("uvicorn.access")
     if not any(isinstance(f, QuietProbes) for f in access.filters):
         access.addFilter(QuietProbes())
