@@ -205,9 +205,12 @@ def list_page(
         if state:
             query = query.where(Meeting.state == state)
         if after is not None:
-            start, pk = after
+            start, meeting_id = after
             query = query.where(
-                or_(col(Meeting.start) > start, and_(col(Meeting.start) == start, col(Meeting.id) > pk))
+                or_(
+                    col(Meeting.start) > start,
+                    and_(col(Meeting.start) == start, col(Meeting.id) > meeting_id),
+                )
             )
         meetings = list(session.execute(query).scalars())
         more = len(meetings) > limit

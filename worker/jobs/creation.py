@@ -116,9 +116,7 @@ def _record_attempt(
     end_date = lifecycle.end_date(claimed.room_end, settings)
     if pending is None:
         tag = lifecycle.new_tag()
-        name_prefix = deployment.room_name_prefix(
-            settings.room_prefix, deployment.identity(), tag, caller_prefix
-        )
+        name_prefix = deployment.room_name_prefix(settings.room_prefix, identity, tag, caller_prefix)
         room_id = persist.add_attempt_room(session, meeting_id, tag, name_prefix, end_date, now)
         look_up_first = False
     else:
