@@ -93,7 +93,9 @@ def _store(requests: Sequence[ScheduleRequest], after: AfterCommit) -> list[tupl
     now = utcnow()
     settings = get_settings()
     results: list[tuple[dict[str, Any], bool] | None] = [None] * len(requests)
-    booked: list[tuple[int, tuple[dict[str, Any], meetings.Change]]] = []
+    # New booking ids, stored together at the end in one INSERT: where each goes in the results.
+    booked: list[tuple[dict[str, Any], meetings.Change]] = []
+    booked_at: list[int] = []
     with session_scope() as session:
         booking_ids = [request.booking_id for request in requests]
         existing = {
@@ -113,14 +115,13 @@ def _store(requests: Sequence[ScheduleRequest], after: AfterCommit) -> list[tupl
             meeting = existing.get(request.booking_id)
             if meeting is None:
                 journal.note(session, request.booking_id, "state", "booked", span)
-                booked.append(
-                    (index, ({**columns, "booking_id": request.booking_id}, meetings.booked(create_at)))
-                )
+                booked.append(({**columns, "booking_id": request.booking_id}, meetings.booked(create_at)))
+                booked_at.append(index)
             else:
                 journal.note(session, request.booking_id, "state", "rescheduled", span)
                 results[index] = (_reschedule(session, meeting, columns, now, after), False)
-        rows = persist.add_meetings(session, [new for _, new in booked], now, after)
-        for (index, _), row in zip(booked, rows, strict=True):
+        rows = persist.add_meetings(session, booked, now, after)
+        for index, row in zip(booked_at, rows, strict=True):
             log.info("booking %s: scheduled, room due at %s", row["booking_id"], fmt(row["due_at"]))
             # The view reads attributes only: a namespace costs a tenth of a Meeting object.
             results[index] = (view(cast(Meeting, SimpleNamespace(**row)), None), True)
