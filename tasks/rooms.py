@@ -48,9 +48,9 @@ def _hold_while_waiting(request: Any = None, **_: Any) -> None:
     # alive meanwhile, so the dispatcher sends it again only if this worker dies (worker/store/claims.py).
     held = _HELD.get(getattr(request, "name", ""))
     if held is not None:
-        model, key = held
+        model, argument = held
         kwargs = request.kwargs or {}
-        row_id, claim = kwargs.get(key), kwargs.get("claim")
+        row_id, claim = kwargs.get(argument), kwargs.get("claim")
         if isinstance(row_id, int) and isinstance(claim, str):
             claims.message_received(model, row_id, claim)
 
