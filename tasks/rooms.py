@@ -2,9 +2,14 @@
 
 Nobody waits on these tasks, so their results are not stored: that saves the result backend three
 Redis round trips a task (started, the done check, done). Flower still shows each outcome, which
-travels in the task's succeeded or failed event. `booking_id` rides along only so that an operator
-can tell in Flower which booking a row is about. A failed Whereby call raises WherebyCallFailed
+travels in the task's succeeded or failed event. A failed Whereby call raises WherebyCallFailed
 once the store holds its retry: FAILURE with the reason in Flower, no worker slot sleeping.
+
+The message's arguments are its wire format (`worker/jobs/dispatch.py` sends them, and messages
+already queued during an upgrade carry them): `meeting_pk` is the meeting row's id (`meeting_id`
+everywhere past this face), `room_pk` a room row's (`room_id`), `claim` the dispatcher's claim.
+`booking_id` is not read by the work: the row holds it. It rides along so that Flower, which shows
+a task's arguments, names the booking each room task is about (`tests/test_flower_quiet.py`).
 """
 
 from __future__ import annotations
@@ -23,12 +28,12 @@ from worker.store.models import Meeting, Room
 
 @app.task(name="rooms.create_room", ignore_result=True, throws=(WherebyCallFailed,))
 def create_room(meeting_pk: int, claim: str, booking_id: str = "") -> str:
-    return creation.create_room(meeting_pk, claim)
+    return creation.create_room(meeting_id=meeting_pk, claim=claim)
 
 
 @app.task(name="rooms.delete_room", ignore_result=True, throws=(WherebyCallFailed,))
 def delete_room(room_pk: int, claim: str, booking_id: str = "") -> str:
-    return deletion.delete_room(room_pk, claim)
+    return deletion.delete_room(room_id=room_pk, claim=claim)
 
 
 _HELD: dict[str, tuple[type[Meeting] | type[Room], str]] = {
@@ -43,11 +48,11 @@ def _hold_while_waiting(request: Any = None, **_: Any) -> None:
     # alive meanwhile, so the dispatcher sends it again only if this worker dies (worker/store/claims.py).
     held = _HELD.get(getattr(request, "name", ""))
     if held is not None:
-        model, key = held
+        model, argument = held
         kwargs = request.kwargs or {}
-        pk, claim = kwargs.get(key), kwargs.get("claim")
-        if isinstance(pk, int) and isinstance(claim, str):
-            claims.message_received(model, pk, claim)
+        row_id, claim = kwargs.get(argument), kwargs.get("claim")
+        if isinstance(row_id, int) and isinstance(claim, str):
+            claims.message_received(model, row_id, claim)
 
 
 class HeldMessages(bootsteps.StartStopStep):

@@ -204,6 +204,27 @@ def test_create_failed_after_the_meeting_moved_on_only_lets_go(state: MeetingSta
     assert change.state is None and change.meeting == meetings.RELEASE and change.event is None
 
 
+@pytest.mark.parametrize("holds", [True, False])
+@pytest.mark.parametrize("state", [S.CREATING, S.SCHEDULED])
+@pytest.mark.parametrize(
+    ("status", "looked_up", "abandoned"),
+    [
+        (400, False, True),  # refused: Whereby made nothing, and no earlier attempt may have
+        (429, False, True),
+        (503, False, False),  # a 5xx may have made the room: the next attempt looks it up
+        (400, True, False),  # an earlier attempt's room may exist: never abandoned here
+        (503, True, False),
+    ],
+)
+def test_create_failed_abandons_the_attempts_room_only_when_whereby_surely_made_none(
+    status: int, looked_up: bool, abandoned: bool, state: MeetingState, holds: bool
+) -> None:
+    change = meetings.create_failed(
+        meeting(state, attempts=1), error(status), NOW, settings(), holds=holds, looked_up=looked_up
+    )
+    assert change.room == ({"state": RoomState.ABANDONED} if abandoned else {})
+
+
 # --------------------------------------------------------------------------------------------
 # Deleting a room (the end reached).
 

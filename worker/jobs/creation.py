@@ -14,14 +14,14 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Row, insert, update
+from sqlalchemy import Row, update
 from sqlmodel import Session, col, select
 
 from config.settings import Settings, get_settings
 from worker.adapters import whereby, whereby_calls
 from worker.jobs.call_failures import WherebyCallFailed, heed_rate_limit
 from worker.rules import lifecycle, meetings
-from worker.store import claims, deployment, journal, session_scope
+from worker.store import claims, deployment, journal, persist, session_scope
 from worker.store.models import Meeting, Room, RoomState, utcnow
 from worker.store.persist import AfterCommit, apply, meeting_facts, room_facts
 
@@ -31,31 +31,31 @@ log = logging.getLogger(__name__)
 @dataclass
 class Attempt:
     run: str
-    room_pk: int
+    room_id: int
     booking_id: str
     name_prefix: str
     request: whereby.CreateMeetingRequest
     look_up_first: bool
 
 
-def create_room(meeting_pk: int, claim: str) -> str:
+def create_room(meeting_id: int, claim: str) -> str:
     """Make the meeting's room on Whereby. Returns what happened; raises WherebyCallFailed when the
     call failed (the retry is already planned in the store), so Flower shows the failure."""
     settings = get_settings()
-    with claims.message(Meeting, meeting_pk, claim):
-        attempt = _start(meeting_pk, settings)
+    with claims.message(Meeting, meeting_id, claim):
+        attempt = _start(meeting_id, settings)
     if isinstance(attempt, str):
         return attempt
-    with whereby_calls.recording_calls() as calls, claims.renewer.holding(Meeting, meeting_pk, attempt.run):
+    with whereby_calls.recording_calls() as calls, claims.renewer.holding(Meeting, meeting_id, attempt.run):
         try:
             made = _make_room(attempt)
         except whereby.WherebyError as error:
-            outcome = _failed(meeting_pk, attempt, error, calls, settings)
+            outcome = _failed(meeting_id, attempt, error, calls, settings)
             raise WherebyCallFailed.from_error(error, attempt.booking_id, outcome) from None
-    return _succeeded(meeting_pk, attempt, made, calls, settings)
+    return _succeeded(meeting_id, attempt, made, calls, settings)
 
 
-def _start(meeting_pk: int, settings: Settings) -> Attempt | str:
+def _start(meeting_id: int, settings: Settings) -> Attempt | str:
     """Claim the meeting, record the attempt and its pending room, and say what to ask Whereby.
 
     The common case (due, wanted, not over) is plain SQL: this transaction runs once for every
@@ -67,7 +67,7 @@ def _start(meeting_pk: int, settings: Settings) -> Attempt | str:
         claimed = claims.take(
             session,
             Meeting,
-            meeting_pk,
+            meeting_id,
             settings,
             Meeting.booking_id,
             Meeting.state,
@@ -84,11 +84,11 @@ def _start(meeting_pk: int, settings: Settings) -> Attempt | str:
         change = meetings.creation_due(meeting_facts(claimed), now)
         result: Attempt | str = change.outcome
         if change.act:
-            result = _record_attempt(session, meeting_pk, claimed, change, now, identity, settings)
+            result = _record_attempt(session, meeting_id, claimed, change, now, identity, settings)
         elif change.state is None:  # skipped: just let go of the meeting
-            session.execute(update(Meeting).where(col(Meeting.id) == meeting_pk).values(**change.meeting))
+            persist.apply_claimed(session, meeting_id, claimed, change, now)
         else:  # over before its room could be made: the rare path, through the ORM
-            meeting = session.get(Meeting, meeting_pk, populate_existing=True)
+            meeting = session.get(Meeting, meeting_id, populate_existing=True)
             assert meeting is not None
             apply(session, meeting, change, now, after)
     after.run()
@@ -97,7 +97,7 @@ def _start(meeting_pk: int, settings: Settings) -> Attempt | str:
 
 def _record_attempt(
     session: Session,
-    meeting_pk: int,
+    meeting_id: int,
     claimed: Row[Any],
     change: meetings.Change,
     now: datetime,
@@ -106,52 +106,26 @@ def _record_attempt(
 ) -> Attempt:
     pending = session.execute(
         select(Room.id, Room.name_prefix)
-        .where(Room.meeting_pk == meeting_pk, Room.state == RoomState.PENDING)
+        .where(Room.meeting_pk == meeting_id, Room.state == RoomState.PENDING)
         .order_by(col(Room.id))
         .limit(1)
     ).first()
     options = dict(claimed.room_options)
     caller_prefix = options.pop("room_name_prefix", None)
-    connection = session.connection()
+    end_date = lifecycle.end_date(claimed.room_end, settings)
     if pending is None:
         tag = lifecycle.new_tag()
-        name_prefix = deployment.room_name_prefix(
-            settings.room_prefix, deployment.identity(), tag, caller_prefix
-        )
-        room_pk = connection.execute(
-            insert(Room)
-            .values(
-                meeting_pk=meeting_pk,
-                tag=tag,
-                name_prefix=name_prefix,
-                state=RoomState.PENDING,
-                end_date=lifecycle.end_date(claimed.room_end, settings),
-                created_at=now,
-            )
-            .returning(col(Room.id))
-        ).scalar_one()
+        name_prefix = deployment.room_name_prefix(settings.room_prefix, identity, tag, caller_prefix)
+        room_id = persist.add_attempt_room(session, meeting_id, tag, name_prefix, end_date, now)
         look_up_first = False
     else:
         # An earlier attempt's outcome is unknown: its room may exist. Look before creating.
-        room_pk, name_prefix = pending
-        connection.execute(
-            update(Room)
-            .where(col(Room.id) == room_pk)
-            .values(end_date=lifecycle.end_date(claimed.room_end, settings))
-        )
+        room_id, name_prefix = pending
+        session.connection().execute(update(Room).where(col(Room.id) == room_id).values(end_date=end_date))
         look_up_first = True
-    connection.execute(
-        update(Meeting)
-        .where(col(Meeting.id) == meeting_pk)
-        .values(**change.meeting, state=change.state, updated_at=now)
-    )
-    if change.state != claimed.state:
-        journal.note_state(session, claimed.booking_id, claimed.state, str(change.state), change.why)
-    assert room_pk is not None
-    request = whereby.CreateMeetingRequest(
-        end_date=lifecycle.end_date(claimed.room_end, settings), room_name_prefix=name_prefix, **options
-    )
-    return Attempt(claimed.claim_token, room_pk, claimed.booking_id, name_prefix, request, look_up_first)
+    persist.apply_claimed(session, meeting_id, claimed, change, now)
+    request = whereby.CreateMeetingRequest(end_date=end_date, room_name_prefix=name_prefix, **options)
+    return Attempt(claimed.claim_token, room_id, claimed.booking_id, name_prefix, request, look_up_first)
 
 
 def _make_room(attempt: Attempt) -> whereby.Meeting:
@@ -166,18 +140,8 @@ def _make_room(attempt: Attempt) -> whereby.Meeting:
     return client.create_meeting(attempt.request)
 
 
-def fill_room(room: Room, made: whereby.Meeting) -> None:
-    """Copy what Whereby answered into the attempt's room row (a fact, not a decision)."""
-    room.whereby_id = made.meeting_id
-    room.room_name = made.room_name
-    room.room_url = made.room_url
-    room.host_room_url = made.host_room_url
-    room.viewer_room_url = made.viewer_room_url
-    room.end_date = made.end_date
-
-
 def _succeeded(
-    meeting_pk: int,
+    meeting_id: int,
     attempt: Attempt,
     made: whereby.Meeting,
     calls: Sequence[whereby.CallRecord],
@@ -190,7 +154,7 @@ def _succeeded(
         meeting, room = session.execute(
             select(Meeting, Room)
             .join(Room, col(Room.meeting_pk) == col(Meeting.id))
-            .where(col(Meeting.id) == meeting_pk, col(Room.id) == attempt.room_pk)
+            .where(col(Meeting.id) == meeting_id, col(Room.id) == attempt.room_id)
         ).one()
         found = replace(room_facts(room), end_date=made.end_date, whereby_id=made.meeting_id)
         change = meetings.room_made(
@@ -202,14 +166,14 @@ def _succeeded(
             taken_over=meeting.claim_token is not None and not claims.holds(meeting, attempt.run),
         )
         if change.room.get("state") == RoomState.LIVE:
-            fill_room(room, made)
+            persist.fill_room(room, made)
         apply(session, meeting, change, now, after, room)
     after.run()
     return change.outcome
 
 
 def _failed(
-    meeting_pk: int,
+    meeting_id: int,
     attempt: Attempt,
     error: whereby.WherebyError,
     calls: Sequence[whereby.CallRecord],
@@ -226,14 +190,17 @@ def _failed(
     after = AfterCommit()
     with session_scope() as session:
         journal.record_calls(session, attempt.booking_id, calls)
-        meeting = session.get(Meeting, meeting_pk, populate_existing=True)
-        room = session.get(Room, attempt.room_pk, populate_existing=True)
+        meeting = session.get(Meeting, meeting_id, populate_existing=True)
+        room = session.get(Room, attempt.room_id, populate_existing=True)
         assert meeting is not None and room is not None
-        if not attempt.look_up_first and not lifecycle.outcome_unknown(error):
-            room.state = RoomState.ABANDONED  # Whereby certainly made nothing for this attempt
         change = meetings.create_failed(
-            meeting_facts(meeting), error, now, settings, holds=claims.holds(meeting, attempt.run)
+            meeting_facts(meeting),
+            error,
+            now,
+            settings,
+            holds=claims.holds(meeting, attempt.run),
+            looked_up=attempt.look_up_first,
         )
-        apply(session, meeting, change, now, after)
+        apply(session, meeting, change, now, after, room)
     after.run()
     return change.outcome

@@ -24,18 +24,18 @@ from worker.store.persist import AfterCommit, apply, meeting_facts, room_facts
 log = logging.getLogger(__name__)
 
 
-def delete_room(room_pk: int, claim: str) -> str:
+def delete_room(room_id: int, claim: str) -> str:
     """Delete the room on Whereby. Returns what happened; raises WherebyCallFailed when the call
     failed (the retry is already planned in the store), so Flower shows the failure."""
     settings = get_settings()
     now = utcnow()
     after = AfterCommit()
-    with claims.message(Room, room_pk, claim), session_scope() as session:
-        claimed = claims.take(session, Room, room_pk, settings)
+    with claims.message(Room, room_id, claim), session_scope() as session:
+        claimed = claims.take(session, Room, room_id, settings)
         if claimed is None:
             return claims.NOTHING_TO_DO
         run = claimed.claim_token
-        room = session.get(Room, room_pk, populate_existing=True)
+        room = session.get(Room, room_id, populate_existing=True)
         assert room is not None
         meeting = session.get(Meeting, room.meeting_pk)
         assert meeting is not None
@@ -50,22 +50,22 @@ def delete_room(room_pk: int, claim: str) -> str:
     after.run()
     if not change.act:
         return change.outcome
-    with whereby_calls.recording_calls() as calls, claims.renewer.holding(Room, room_pk, run):
+    with whereby_calls.recording_calls() as calls, claims.renewer.holding(Room, room_id, run):
         if change.probe:
-            outcome = _probe(room_pk, run, booking_id, room_name, calls, settings)
+            outcome = _probe(room_id, run, booking_id, room_name, calls, settings)
             if outcome is not None:
                 return outcome
         try:
             gone = lifecycle.expired(end_date, now) or whereby_id is None
             existed = False if gone else whereby_calls.client().delete_meeting(whereby_id or "")
         except whereby.WherebyError as error:
-            outcome = _failed(room_pk, run, booking_id, error, calls, settings)
+            outcome = _failed(room_id, run, booking_id, error, calls, settings)
             raise WherebyCallFailed.from_error(error, booking_id, outcome) from None
-    return _succeeded(room_pk, existed, calls, due_at)
+    return _succeeded(room_id, existed, calls, due_at)
 
 
 def _probe(
-    room_pk: int,
+    room_id: int,
     run: str,
     booking_id: str,
     room_name: str | None,
@@ -86,7 +86,7 @@ def _probe(
     after = AfterCommit()
     with session_scope() as session:
         journal.record_calls(session, booking_id, calls)
-        room = session.get(Room, room_pk, populate_existing=True)
+        room = session.get(Room, room_id, populate_existing=True)
         assert room is not None
         meeting = session.get(Meeting, room.meeting_pk, populate_existing=True)
         assert meeting is not None
@@ -113,12 +113,12 @@ def _probe(
 
 
 def _succeeded(
-    room_pk: int, existed: bool, calls: Sequence[whereby.CallRecord], due_at: datetime | None
+    room_id: int, existed: bool, calls: Sequence[whereby.CallRecord], due_at: datetime | None
 ) -> str:
     now = utcnow()
     after = AfterCommit()
     with session_scope() as session:
-        room = session.get(Room, room_pk, populate_existing=True)
+        room = session.get(Room, room_id, populate_existing=True)
         assert room is not None
         meeting = session.get(Meeting, room.meeting_pk, populate_existing=True)
         assert meeting is not None
@@ -132,7 +132,7 @@ def _succeeded(
 
 
 def _failed(
-    room_pk: int,
+    room_id: int,
     run: str,
     booking_id: str,
     error: whereby.WherebyError,
@@ -146,7 +146,7 @@ def _failed(
     after = AfterCommit()
     with session_scope() as session:
         journal.record_calls(session, booking_id, calls)
-        room = session.get(Room, room_pk, populate_existing=True)
+        room = session.get(Room, room_id, populate_existing=True)
         assert room is not None
         meeting = session.get(Meeting, room.meeting_pk, populate_existing=True)
         assert meeting is not None

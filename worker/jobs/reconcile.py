@@ -29,9 +29,8 @@ from sqlmodel import Session, col, select
 from config.settings import get_settings
 from worker.adapters import whereby, whereby_calls
 from worker.jobs.call_failures import heed_rate_limit
-from worker.jobs.creation import fill_room
 from worker.rules import meetings
-from worker.store import deployment, journal, session_scope
+from worker.store import deployment, journal, persist, session_scope
 from worker.store.models import Meeting, Room, RoomState, utcnow
 from worker.store.persist import AfterCommit, apply, meeting_facts, room_facts
 
@@ -131,8 +130,8 @@ def _held(row: Meeting | Room, now: datetime) -> bool:
     return row.claim_until is not None and row.claim_until > now - CLOCK_SLACK
 
 
-def _booking_of(session: Session, meeting_pk: int) -> str:
-    meeting = session.get(Meeting, meeting_pk)
+def _booking_of(session: Session, meeting_id: int) -> str:
+    meeting = session.get(Meeting, meeting_id)
     return meeting.booking_id if meeting else "(unknown)"
 
 
@@ -147,7 +146,7 @@ def _settle_attempt(
     facts = replace(room_facts(room), end_date=found.end_date, whereby_id=found.meeting_id)
     change = meetings.attempt_adopted(meeting_facts(meeting), facts, now, get_settings())
     if change.room.get("state") == RoomState.LIVE:
-        fill_room(room, found)
+        persist.fill_room(room, found)
     apply(session, meeting, change, now, after, room)
     if change.state is not None:
         return "adopted"
@@ -160,9 +159,9 @@ def _settle_attempt(
 def _confirm_lost(suspects: list[int], after: AfterCommit) -> int:
     """Rooms the listing lacks: one read each confirms they are gone before they are replaced."""
     lost = 0
-    for room_pk in suspects:
+    for room_id in suspects:
         with session_scope() as session:
-            room = session.get(Room, room_pk)
+            room = session.get(Room, room_id)
             if room is None or room.whereby_id is None:
                 continue
             whereby_id = room.whereby_id
@@ -178,7 +177,7 @@ def _confirm_lost(suspects: list[int], after: AfterCommit) -> int:
                 continue
         now = utcnow()
         with session_scope() as session:
-            room = session.get(Room, room_pk)
+            room = session.get(Room, room_id)
             assert room is not None
             meeting = session.get(Meeting, room.meeting_pk)
             assert meeting is not None

@@ -230,15 +230,23 @@ def room_made(
 
 
 def create_failed(
-    meeting: MeetingFacts, error: whereby.WherebyError, now: datetime, settings: Settings, *, holds: bool
+    meeting: MeetingFacts,
+    error: whereby.WherebyError,
+    now: datetime,
+    settings: Settings,
+    *,
+    holds: bool,
+    looked_up: bool = True,
 ) -> Change:
-    """A create failed. The caller marks the attempt's room abandoned when Whereby surely made none."""
-    if not holds:
-        return Change(outcome=f"failed: {lifecycle.describe(error)}")
+    """A create failed. Its room is abandoned (whoever holds the meeting) when Whereby surely made
+    none: the attempt did not look up an earlier one's room first, and the error proves it."""
+    abandoned = {} if looked_up or lifecycle.outcome_unknown(error) else {"state": RoomState.ABANDONED}
     reason = lifecycle.describe(error)
+    if not holds:
+        return Change(room=abandoned, outcome=f"failed: {reason}")
     if meeting.state != S.CREATING:
         # Rescheduled (or otherwise moved on) during the call: its own due instant stands.
-        return Change(meeting=RELEASE, outcome=f"failed: {reason}")
+        return Change(meeting=RELEASE, room=abandoned, outcome=f"failed: {reason}")
     attempts = meeting.attempts if lifecycle.counts_as_attempt(error) else meeting.attempts - 1
     decision = lifecycle.after_create_error(
         error, meeting.attempts, now, meeting.room_end, settings, meeting.start
@@ -248,11 +256,13 @@ def create_failed(
             state=S.FAILED,
             why=decision.reason,
             meeting={"attempts": attempts, "due_at": None, "last_error": decision.reason, **RELEASE},
+            room=abandoned,
             event="room.failed",
             outcome=f"failed: {decision.reason}",
         )
     return Change(
         meeting={"attempts": attempts, "due_at": decision.at, "last_error": reason, **RELEASE},
+        room=abandoned,
         note="retry planned",
         note_outcome=f"at {lifecycle.fmt(decision.at)}: {reason}",
         outcome=f"failed: {reason}",
