@@ -10,9 +10,13 @@ Room built with such a column, or an `insert(Meeting|Room)` (a new row's state i
 from __future__ import annotations
 
 import ast
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from sqlmodel import col
+
+NOW = datetime(2026, 12, 2, 10, 0, tzinfo=UTC)
 
 ROOT = Path(__file__).resolve().parent.parent
 WRITER = Path("worker/store/persist.py")
@@ -95,13 +99,18 @@ def product_modules() -> list[Path]:
     return paths
 
 
+# The lease mechanism writes `**values` on any leased table; on a meeting or a room it refuses any
+# column but its own at run time (test_a_lease_on_a_meeting_writes_no_lifecycle_state).
+LEASES = Path("worker/store/leases.py")
+
+
 def test_persist_is_the_only_writer_of_lifecycle_state() -> None:
     modules = product_modules()
     assert WRITER in modules and Path("worker/jobs/creation.py") in modules
     offenders = {
         str(path): found
         for path in modules
-        if path != WRITER and (found := writes((ROOT / path).read_text()))
+        if path not in (WRITER, LEASES) and (found := writes((ROOT / path).read_text()))
     }
     assert offenders == {}, "lifecycle state written outside worker/store/persist.py"
     assert writes((ROOT / WRITER).read_text()), "persist writes it (else this test sees nothing)"
@@ -142,3 +151,21 @@ def test_a_planted_write_is_caught(planted: str) -> None:
 )
 def test_reads_and_other_columns_are_not_writes(allowed: str) -> None:
     assert writes(f"def job():\n    {allowed}\n") == []
+
+
+def test_a_lease_on_a_meeting_writes_no_lifecycle_state() -> None:
+    from sqlmodel import Session, create_engine
+
+    from worker.store import leases
+    from worker.store.models import EventDelivery, Meeting, Room
+
+    with Session(create_engine("sqlite://")) as session:
+        for model in (Meeting, Room):
+            with pytest.raises(TypeError, match="only its own columns"):
+                leases.take(
+                    session, model, col(model.id) == 1, leases.lapsed(model, NOW), NOW, values={"state": "x"}
+                )
+            with pytest.raises(TypeError, match="only its own columns"):
+                leases.release(session, model, 1, "token", due_at=NOW)
+        # Another table's lease may write its own machine's columns (checked only up to the SQL).
+        leases._own_columns_only(EventDelivery, {"attempts": 2})

@@ -25,6 +25,14 @@ Leased = type[Meeting] | type[Room] | type[EventDelivery] | type[Feed] | type[Ou
 Tokened = type[Meeting] | type[Room] | type[EventDelivery] | type[Feed]
 # Rows renewed per statement: well inside every database's limit on bound parameters.
 RENEW_CHUNK = 500
+# A meeting's or a room's lifecycle state is written by `worker/store/persist.py` alone: a lease
+# on those rows writes its own columns and nothing else.
+PERSIST_OWNS = frozenset({"meeting", "room"})
+
+
+def _own_columns_only(model: Leased, values: dict[str, Any]) -> None:
+    if values and model.__tablename__ in PERSIST_OWNS:
+        raise TypeError(f"a lease on {model.__tablename__} writes only its own columns, not {sorted(values)}")
 
 
 def new_token(prefix: str = "") -> str:
@@ -55,6 +63,7 @@ def take(
     """Lease the rows matching `where` that are `free` (usually `lapsed`; a caller may allow more,
     such as its own token) until `until` (an instant, or a SQL expression), to `token` when the
     table has one; `values` are written in the same UPDATE. Returns `returning` of the rows taken."""
+    _own_columns_only(model, values or {})
     leased: dict[str, Any] = {"claim_until": until, **(values or {})}
     if token is not None:
         leased["claim_token"] = token
@@ -96,6 +105,7 @@ def renew(
 def release(session: Session, model: Tokened, pk: int, token: str, **values: Any) -> bool:
     """Let go of the row if `token` still holds it, writing `values` in the same UPDATE (they may
     hand the row on: a new `claim_token` and `claim_until`). Whether it was still held."""
+    _own_columns_only(model, {k: v for k, v in values.items() if k not in ("claim_token", "claim_until")})
     return (
         session.connection()
         .execute(
