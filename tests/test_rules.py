@@ -97,11 +97,11 @@ def test_plan_with_no_lead_creates_at_start() -> None:
 
 def test_new_tag_is_eight_lowercase_alphanumerics() -> None:
     for _ in range(200):
-        assert re.fullmatch(r"[a-z0-9]{8}", lifecycle.new_tag())
+        assert re.fullmatch(r"[a-z0-9]{8}", deployment.new_tag())
 
 
 def test_new_tag_varies() -> None:
-    tags = {lifecycle.new_tag() for _ in range(100)}
+    tags = {deployment.new_tag() for _ in range(100)}
     assert len(tags) == 100
 
 
@@ -135,7 +135,7 @@ def test_room_names_are_read_back_into_identity_and_tag(
 def test_room_name_prefix_fits_whereby_for_the_longest_caller_prefix(service_prefix: str) -> None:
     settings = make_settings(room_prefix=service_prefix)
     longest = "c" * settings.caller_prefix_max
-    name = deployment.room_name_prefix(settings.room_prefix, "k3p9x", lifecycle.new_tag(), longest)
+    name = deployment.room_name_prefix(settings.room_prefix, "k3p9x", deployment.new_tag(), longest)
     assert len(name) <= WHEREBY_NAME_LIMIT
     assert re.fullmatch(r"[a-z0-9-]{0,39}", name)
     assert name.startswith(f"{service_prefix}-")
@@ -156,7 +156,7 @@ def test_caller_prefix_max_is_what_the_request_validation_enforces() -> None:
         caller_prefix_max=settings.caller_prefix_max,
     )
     name = deployment.room_name_prefix(
-        settings.room_prefix, "k3p9x", lifecycle.new_tag(), request.room.room_name_prefix
+        settings.room_prefix, "k3p9x", deployment.new_tag(), request.room.room_name_prefix
     )
     assert len(name) == WHEREBY_NAME_LIMIT
     with pytest.raises(InvalidRequest, match="room_name_prefix"):

@@ -114,7 +114,7 @@ def _record_attempt(
     caller_prefix = options.pop("room_name_prefix", None)
     connection = session.connection()
     if pending is None:
-        tag = lifecycle.new_tag()
+        tag = deployment.new_tag()
         name_prefix = deployment.room_name_prefix(
             settings.room_prefix, deployment.identity(), tag, caller_prefix
         )

@@ -14,11 +14,10 @@ from datetime import datetime
 from typing import Any
 
 from config.settings import Settings
-from worker.adapters import whereby
 from worker.rules import lifecycle, overrun
 from worker.rules.facts import EARLY_SLACK, NOTHING, RELEASE, Change, MeetingFacts, RoomFacts, S
 from worker.rules.overrun import occupancy_changed, probe_failed, session_probed
-from worker.store.models import TERMINAL_STATES, RoomState
+from worker.rules.states import TERMINAL_STATES, RoomState
 
 __all__ = [
     "EARLY_SLACK",
@@ -230,7 +229,7 @@ def room_made(
 
 
 def create_failed(
-    meeting: MeetingFacts, error: whereby.WherebyError, now: datetime, settings: Settings, *, holds: bool
+    meeting: MeetingFacts, error: lifecycle.FailedCall, now: datetime, settings: Settings, *, holds: bool
 ) -> Change:
     """A create failed. The caller marks the attempt's room abandoned when Whereby surely made none."""
     if not holds:
@@ -326,7 +325,7 @@ def delete_failed(
     meeting: MeetingFacts,
     room: RoomFacts,
     attempts: int,
-    error: whereby.WherebyError,
+    error: lifecycle.FailedCall,
     now: datetime,
     settings: Settings,
     *,
