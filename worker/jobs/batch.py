@@ -86,7 +86,13 @@ def schedule_many(items: Sequence[Any], *, over_http: bool = False) -> list[dict
     """One result per item, in order: `{"ok": true, "created": bool, "view": VIEW}` or
     `{"ok": false, "errors": [{"field", "rule"}, ...]}` (fields named within the item).
     `over_http`: the items came over HTTP, where a notify task must be one the operator lists."""
-    context = {"caller_prefix_max": get_settings().caller_prefix_max, "over_http": over_http}
+    settings = get_settings()
+    context = {
+        "caller_prefix_max": settings.caller_prefix_max,
+        "over_http": over_http,
+        "settings": settings,
+        "now": utcnow(),
+    }
     results: list[dict[str, Any] | None] = [None] * len(items)
     valid: list[tuple[int, ScheduleRequest]] = []
     first_at: dict[str, int] = {}
