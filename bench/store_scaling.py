@@ -68,7 +68,6 @@ from worker import store
 from worker.devtools.sandbox import SandboxConfig, SandboxServer
 from worker.jobs import dispatch, outbox
 from worker.jobs import reconcile as reconciler
-from worker.rules import lifecycle
 from worker.runtime import process, resources
 from worker.store import deployment
 from worker.store.models import Meeting, MeetingState, Room, RoomState, utcnow
@@ -300,7 +299,7 @@ def seed_fixed(engine: Engine, server: SandboxServer, fixed: Fixed) -> None:
         )
         if has_room:
             # "z" is no hex digit: these tags never meet the bulk rows' hex tags.
-            tag = "z" + lifecycle.new_tag()[1:]
+            tag = "z" + deployment.new_tag()[1:]
             prefix = deployment.room_name_prefix("rk", deployment.identity(), tag, None)
             made = _sandbox_room(server, prefix, max(room_end, now + timedelta(hours=1)))
             rooms.append(

@@ -13,11 +13,20 @@ from config.settings import get_settings
 from worker.jobs import batch, booking
 from worker.rules.validation import BookingRef, InvalidRequest, ScheduleRequest, validate
 from worker.runtime.app import app
+from worker.store.models import utcnow
 
 
 @app.task(name="rooms.schedule_meeting", typing=False, throws=(InvalidRequest,))
 def schedule_meeting(*args: Any, **kwargs: Any) -> dict[str, Any]:
-    request = validate(ScheduleRequest, args, kwargs, caller_prefix_max=get_settings().caller_prefix_max)
+    settings = get_settings()
+    request = validate(
+        ScheduleRequest,
+        args,
+        kwargs,
+        caller_prefix_max=settings.caller_prefix_max,
+        settings=settings,
+        now=utcnow(),
+    )
     return booking.schedule_meeting(request)
 
 

@@ -23,7 +23,7 @@ from worker.devtools.sandbox import SandboxAdmin, SandboxServer
 from worker.faces.web.app import create_app
 from worker.rules.validation import InvalidRequest, ScheduleRequest, validate
 from worker.store import get_engine, session_scope, tokens
-from worker.store.models import History, Meeting
+from worker.store.models import History, Meeting, utcnow
 
 PROBLEM = "application/problem+json"
 
@@ -250,6 +250,8 @@ def test_put_refuses_bad_input_naming_the_field(
                 (),
                 {**bad, "booking_id": "b-1"},
                 caller_prefix_max=get_settings().caller_prefix_max,
+                settings=get_settings(),
+                now=utcnow(),
             )
         assert problem["detail"] == str(refused.value)
 

@@ -163,16 +163,21 @@ def test_bad_notify_names_its_field_and_rule(notify: dict[str, Any], expected: s
     assert expected in rejected(notify)
 
 
-def test_the_model_reads_the_running_settings_without_context() -> None:
-    # The HTTP face validates with the same model; without a `settings` context it uses the process's.
+def test_the_model_reads_the_settings_the_faces_pass() -> None:
+    # The faces (Celery and HTTP) validate with the same model and pass the process's settings; the
+    # rules read none themselves, so a face that forgot them fails loudly, not as a caller's mistake.
+    from config.settings import get_settings
     from tests.conftest import apply_settings
 
+    url_notify = {**BOOKING, "notify": {"url": "https://1.1.1.1/hook"}}
+    with pytest.raises(LookupError, match="settings"):
+        validate(ScheduleRequest, (), url_notify)
     apply_settings(ROOMKEEPER_NOTIFY_SIGNING_SECRET=None)
     with pytest.raises(InvalidRequest, match=r"^notify\.url: .*ROOMKEEPER_NOTIFY_SIGNING_SECRET"):
-        validate(ScheduleRequest, (), {**BOOKING, "notify": {"url": "https://1.1.1.1/hook"}})
+        validate(ScheduleRequest, (), url_notify, settings=get_settings())
     apply_settings(ROOMKEEPER_NOTIFY_SIGNING_SECRET="x" * 32)
     try:
-        validate(ScheduleRequest, (), {**BOOKING, "notify": {"url": "https://1.1.1.1/hook"}})
+        validate(ScheduleRequest, (), url_notify, settings=get_settings())
     finally:
         apply_settings(ROOMKEEPER_NOTIFY_SIGNING_SECRET=None)
 
@@ -416,3 +421,16 @@ def test_an_attempt_that_answers_in_time_is_returned_as_is(monkeypatch: pytest.M
     monkeypatch.setattr(delivery, "post", lambda head, settings: delivery.Outcome(True, 204, "", 0.01))
     outcome, release_now = delivery._Attempt(_head("https://1.1.1.1/x"), SIGNED, lambda: None).run(5)
     assert outcome.delivered and outcome.status == 204 and release_now
+
+
+def test_the_rules_judge_a_url_without_resolving_its_name() -> None:
+    # worker.rules.outbound decides from the URL and the settings alone (validation uses it); the
+    # adapter's check adds what only the network can tell: the addresses a name resolves to.
+    from worker.rules import outbound as rules
+
+    assert rules.check_url("https://no-such-host.invalid/x", SIGNED) == "https://no-such-host.invalid/x"
+    assert "does not resolve" in refused("https://no-such-host.invalid/x", SIGNED)
+    for url in ("https://10.9.8.7/hook", "https://[::ffff:127.0.0.1]/hook", "http://1.1.1.1/hook"):
+        with pytest.raises(rules.OutboundRefused) as caught:
+            rules.check_url(url, SIGNED)
+        assert str(caught.value) == refused(url, SIGNED)

@@ -31,7 +31,6 @@ from worker.adapters.budget import get_budget
 from worker.devtools.harness import ProcessSystem, later
 from worker.devtools.sandbox import SandboxAdmin, SandboxServer
 from worker.jobs import booking, reconcile
-from worker.rules import lifecycle
 from worker.store import deployment, session_scope
 from worker.store.models import Meeting, Room, RoomState, utcnow
 
@@ -582,7 +581,7 @@ def make_legacy(booking_id: str, sandbox: SandboxAdmin, sandbox_server: SandboxS
     """Turn the booking's live room into one made before identities existed: `/rk-<tag>-…`, known
     to the store by its id and tag (as a store migrated from that version holds it)."""
     (room,) = stored_rooms(booking_id)
-    tag = lifecycle.new_tag()
+    tag = deployment.new_tag()
     legacy = make_room_behind_our_back(sandbox_server, f"rk-{tag}-")
     with session_scope() as session:
         row = session.get(Room, room.id)

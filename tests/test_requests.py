@@ -34,7 +34,7 @@ EXAMPLE: dict[str, Any] = {
 
 def schedule(**changes: Any) -> ScheduleRequest:
     kwargs = {**EXAMPLE, **changes}
-    return validate(ScheduleRequest, (), kwargs, caller_prefix_max=CALLER_PREFIX_MAX)
+    return validate(ScheduleRequest, (), kwargs, caller_prefix_max=CALLER_PREFIX_MAX, now=datetime.now(UTC))
 
 
 def without(key: str) -> dict[str, Any]:
@@ -43,7 +43,7 @@ def without(key: str) -> dict[str, Any]:
 
 def rejected(kwargs: dict[str, Any], args: tuple[Any, ...] = ()) -> str:
     with pytest.raises(InvalidRequest) as caught:
-        validate(ScheduleRequest, args, kwargs, caller_prefix_max=CALLER_PREFIX_MAX)
+        validate(ScheduleRequest, args, kwargs, caller_prefix_max=CALLER_PREFIX_MAX, now=datetime.now(UTC))
     return str(caught.value)
 
 
@@ -184,6 +184,15 @@ def test_end_not_after_start(end: str) -> None:
     message = rejected_with(end=end)
     assert "end" in message
     assert "after start" in message
+
+
+def test_the_moment_end_must_follow_comes_in_through_the_context() -> None:
+    # The rules read no clock: the faces pass `now`, and `end` must come after that moment.
+    end = datetime(2096, 12, 1, 9, 30, tzinfo=UTC)
+    kwargs = {**EXAMPLE, "end": end.isoformat()}
+    assert validate(ScheduleRequest, (), kwargs, now=end - timedelta(microseconds=1)).end == end
+    with pytest.raises(InvalidRequest, match=r"^end: must be in the future$"):
+        validate(ScheduleRequest, (), kwargs, now=end)
 
 
 def test_end_in_the_past() -> None:

@@ -97,11 +97,11 @@ def test_plan_with_no_lead_creates_at_start() -> None:
 
 def test_new_tag_is_eight_lowercase_alphanumerics() -> None:
     for _ in range(200):
-        assert re.fullmatch(r"[a-z0-9]{8}", lifecycle.new_tag())
+        assert re.fullmatch(r"[a-z0-9]{8}", deployment.new_tag())
 
 
 def test_new_tag_varies() -> None:
-    tags = {lifecycle.new_tag() for _ in range(100)}
+    tags = {deployment.new_tag() for _ in range(100)}
     assert len(tags) == 100
 
 
@@ -135,7 +135,7 @@ def test_room_names_are_read_back_into_identity_and_tag(
 def test_room_name_prefix_fits_whereby_for_the_longest_caller_prefix(service_prefix: str) -> None:
     settings = make_settings(room_prefix=service_prefix)
     longest = "c" * settings.caller_prefix_max
-    name = deployment.room_name_prefix(settings.room_prefix, "k3p9x", lifecycle.new_tag(), longest)
+    name = deployment.room_name_prefix(settings.room_prefix, "k3p9x", deployment.new_tag(), longest)
     assert len(name) <= WHEREBY_NAME_LIMIT
     assert re.fullmatch(r"[a-z0-9-]{0,39}", name)
     assert name.startswith(f"{service_prefix}-")
@@ -156,7 +156,7 @@ def test_caller_prefix_max_is_what_the_request_validation_enforces() -> None:
         caller_prefix_max=settings.caller_prefix_max,
     )
     name = deployment.room_name_prefix(
-        settings.room_prefix, "k3p9x", lifecycle.new_tag(), request.room.room_name_prefix
+        settings.room_prefix, "k3p9x", deployment.new_tag(), request.room.room_name_prefix
     )
     assert len(name) == WHEREBY_NAME_LIMIT
     with pytest.raises(InvalidRequest, match="room_name_prefix"):
@@ -409,3 +409,42 @@ def test_delete_retries_even_after_very_many_attempts() -> None:
     settings = make_settings(retry_base_seconds=2.0, retry_max_seconds=30.0)
     at = lifecycle.after_delete_error(server_error(), 1025, NOW, settings)
     assert NOW < at <= NOW + timedelta(seconds=30)
+
+
+# --------------------------------------------------------------------------------------------
+# The rules read a failed call by its attributes, and draw their jitter from their inputs.
+
+
+def test_jitter_is_a_pure_function_of_its_inputs() -> None:
+    draws = {lifecycle.jitter("k", attempt, NOW) for attempt in range(200)}
+    assert len(draws) == 200 and all(0.0 <= d < 1.0 for d in draws)
+    assert lifecycle.jitter("k", 3, NOW) == lifecycle.jitter("k", 3, NOW)
+    assert lifecycle.jitter("k", 3, NOW) != lifecycle.jitter("k", 3, NOW + timedelta(microseconds=1))
+    same = lifecycle.after_create_error(server_error(), 3, NOW, FAR_END, make_settings(), key="b-1")
+    assert same == lifecycle.after_create_error(server_error(), 3, NOW, FAR_END, make_settings(), key="b-1")
+
+
+@pytest.mark.parametrize(
+    ("error", "kind"),
+    [
+        (status_error(429), lifecycle.RATE_LIMITED),
+        (status_error(401), lifecycle.AUTHENTICATION),
+        (status_error(403), lifecycle.PERMISSION_DENIED),
+        (status_error(404), lifecycle.NOT_FOUND),
+        (status_error(422), lifecycle.INVALID_REQUEST),
+        (status_error(503), lifecycle.SERVER),
+        (whereby.APITimeoutError("ReadTimeout", request_sent=True), lifecycle.CONNECTION),
+    ],
+)
+def test_each_whereby_error_names_its_kind(error: whereby.WherebyError, kind: str) -> None:
+    assert error.kind == kind
+
+
+def test_the_point_budget_is_waited_out_like_a_rate_limit() -> None:
+    from worker.adapters.budget import BudgetExhausted
+
+    error = BudgetExhausted(12.0)
+    assert not lifecycle.counts_as_attempt(error)
+    decision = lifecycle.after_create_error(error, 1, NOW, FAR_END, make_settings())
+    assert isinstance(decision, Retry)
+    assert NOW + timedelta(seconds=12) <= decision.at <= NOW + timedelta(seconds=13)

@@ -26,19 +26,20 @@ import httpcore
 import httpx
 
 from config.settings import Settings
+from worker.rules import outbound as rules
+
+# The rules that need no network live in worker.rules.outbound; re-exported here under their names.
+from worker.rules.outbound import Address as Address
+from worker.rules.outbound import OutboundRefused as OutboundRefused
+from worker.rules.outbound import is_public as is_public
 
 log = logging.getLogger(__name__)
 
 
-class OutboundRefused(ValueError):
-    """The URL may not be called; the message says why (never with its credentials)."""
-
-
-def _addresses(host: str) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
-    try:
-        return [ipaddress.ip_address(host)]
-    except ValueError:
-        pass
+def _addresses(host: str) -> list[Address]:
+    literal = rules.literal_address(host)
+    if literal is not None:
+        return [literal]
     try:
         infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
     except (OSError, UnicodeError):
@@ -46,84 +47,30 @@ def _addresses(host: str) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]
     return [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos]
 
 
-# IPv6 forms that carry an IPv4 address the connection really reaches: NAT64 (RFC 6052, 8215) and
-# the deprecated IPv4-compatible form. Python's `is_global` judges them by the IPv6 prefix alone.
-_NAT64 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
-_V4_COMPATIBLE = ipaddress.ip_network("::/96")
-
-
-def _embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
-    if address.ipv4_mapped is not None:
-        return address.ipv4_mapped
-    if address.sixtofour is not None:
-        return address.sixtofour
-    if address.teredo is not None:
-        return address.teredo[1]  # the client's address
-    if any(address in network for network in (*_NAT64, _V4_COMPATIBLE)):
-        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
-    return None
-
-
-def is_public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    """Whether the service may connect to `address` on a caller's behalf."""
-    if isinstance(address, ipaddress.IPv6Address):
-        embedded = _embedded_ipv4(address)
-        if embedded is not None and not is_public(embedded):
-            return False
-    # `is_global` leaves multicast (224/4, ff00::/8) global; nothing the service POSTs to is there.
-    return address.is_global and not address.is_multicast
-
-
 def check_url(url: str, settings: Settings, *, resolve: bool = True) -> str:
-    """Return `url` if the service may call it, else raise OutboundRefused naming the rule."""
-    try:
-        parts = urlsplit(url)
-        host = (parts.hostname or "").lower()
-        parts.port  # noqa: B018 - raises ValueError for a port out of range
-    except ValueError:
-        raise OutboundRefused("is not a valid URL") from None
-    if parts.scheme not in ("http", "https") or not host:
-        raise OutboundRefused("must be an http(s) URL with a host")
-    if parts.username is not None or parts.password is not None:
-        raise OutboundRefused("must not carry credentials in the URL")
-    if host in settings.allowed_hosts:
-        return url
-    if parts.scheme != "https":
-        raise OutboundRefused(
-            f"must be https (or its host {host!r} listed in ROOMKEEPER_OUTBOUND_ALLOWED_HOSTS)"
-        )
-    port = parts.port or 443
-    if port not in settings.public_ports:
-        allowed = ", ".join(str(p) for p in sorted(settings.public_ports))
-        raise OutboundRefused(
-            f"port {port} is not allowed for public hosts (ROOMKEEPER_OUTBOUND_PUBLIC_PORTS: {allowed})"
-        )
-    if not resolve:
+    """Return `url` if the service may call it, else raise OutboundRefused naming the rule: the
+    rules' check (worker.rules.outbound), then, unless `resolve` is False, every address its host
+    name resolves to must be public."""
+    rules.check_url(url, settings)
+    host = rules.url_host(url)
+    if not resolve or host in settings.allowed_hosts:
         return url
     for address in _addresses(host):
-        if not is_public(address):
-            raise OutboundRefused(
-                f"host {host!r} is a private, loopback or reserved address ({address}); list it in "
-                "ROOMKEEPER_OUTBOUND_ALLOWED_HOSTS to allow it"
-            )
+        rules.refuse_private(host, address)
     return url
 
 
-def connect_address(url: str, settings: Settings) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+def connect_address(url: str, settings: Settings) -> Address | None:
     """Check `url` as check_url does and return the checked address to connect to, so a name that
     answers differently the next time (DNS rebinding) cannot move the request; None for a host
     listed in ROOMKEEPER_OUTBOUND_ALLOWED_HOSTS, which is trusted by name."""
-    check_url(url, settings, resolve=False)
-    host = (urlsplit(url).hostname or "").lower()
+    rules.check_url(url, settings)
+    host = rules.url_host(url)
     if host in settings.allowed_hosts:
         return None
     addresses = _addresses(host)
     for address in addresses:
-        if not is_public(address):
-            raise OutboundRefused(
-                f"host {host!r} is a private, loopback or reserved address ({address}); list it in "
-                "ROOMKEEPER_OUTBOUND_ALLOWED_HOSTS to allow it"
-            )
+        rules.refuse_private(host, address)
     return addresses[0]
 
 

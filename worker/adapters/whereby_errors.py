@@ -36,9 +36,16 @@ class WherebyError(Exception):
     chooses); it does not mean this client retried it. Messages never contain the API key, nor a
     room key (`roomKey=` in a reply's text is redacted): they end up in logs, `last_error` and
     history lines.
+
+    The rules (worker.rules.lifecycle, which import no adapter) read a failure by its plain
+    attributes: `kind` (one of worker.rules.lifecycle's kinds), `retry_after` (seconds to wait,
+    for a rate limit, else None) and `request_sent` (whether the request may have reached Whereby).
     """
 
     retryable: bool = False
+    kind: str = "error"
+    retry_after: float | None = None
+    request_sent: bool = True  # an HTTP reply proves it did
 
     def __init__(self, message: str, *, status_code: int | None = None) -> None:
         message = redact(message)
@@ -51,6 +58,7 @@ class APIConnectionError(WherebyError):
     """No HTTP response: the connection failed, broke, or timed out."""
 
     retryable = True
+    kind = "connection"
 
     def __init__(self, message: str, *, request_sent: bool = True) -> None:
         super().__init__(message, status_code=None)
@@ -67,6 +75,8 @@ class RateLimitedError(WherebyError):
     """429: the organisation's points budget is spent; try again after `retry_after` seconds."""
 
     retryable = True
+    kind = "rate_limited"
+    retry_after: float
 
     def __init__(self, message: str, *, status_code: int | None = 429, retry_after: float) -> None:
         super().__init__(message, status_code=status_code)
@@ -76,23 +86,32 @@ class RateLimitedError(WherebyError):
 class AuthenticationError(WherebyError):
     """401: the API key is missing, wrong or revoked."""
 
+    kind = "authentication"
+
 
 class PermissionDeniedError(WherebyError):
     """403: the key is valid but the plan does not include the feature."""
+
+    kind = "permission_denied"
 
 
 class NotFoundError(WherebyError):
     """404: the meeting is unknown or already deleted."""
 
+    kind = "not_found"
+
 
 class InvalidRequestError(WherebyError):
     """400, 422 and any other 4xx: the request itself is wrong; resending it will not help."""
+
+    kind = "invalid_request"
 
 
 class ServerError(WherebyError):
     """5xx: Whereby failed; the request may or may not have taken effect."""
 
     retryable = True
+    kind = "server"
 
 
 def _request_label(response: httpx.Response) -> str:

@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from config.settings import get_settings
 from worker.jobs import booking
 from worker.rules.validation import ScheduleRequest, problems
+from worker.store.models import utcnow
 from worker.store.persist import AfterCommit
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,13 @@ def schedule_many(items: Sequence[Any], *, over_http: bool = False) -> list[dict
     """One result per item, in order: `{"ok": true, "created": bool, "view": VIEW}` or
     `{"ok": false, "errors": [{"field", "rule"}, ...]}` (fields named within the item).
     `over_http`: the items came over HTTP, where a notify task must be one the operator lists."""
-    context = {"caller_prefix_max": get_settings().caller_prefix_max, "over_http": over_http}
+    settings = get_settings()
+    context = {
+        "caller_prefix_max": settings.caller_prefix_max,
+        "over_http": over_http,
+        "settings": settings,
+        "now": utcnow(),
+    }
     results: list[dict[str, Any] | None] = [None] * len(items)
     valid: list[tuple[int, ScheduleRequest]] = []
     first_at: dict[str, int] = {}

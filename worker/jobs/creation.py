@@ -114,7 +114,7 @@ def _record_attempt(
     caller_prefix = options.pop("room_name_prefix", None)
     end_date = lifecycle.end_date(claimed.room_end, settings)
     if pending is None:
-        tag = lifecycle.new_tag()
+        tag = deployment.new_tag()
         name_prefix = deployment.room_name_prefix(settings.room_prefix, identity, tag, caller_prefix)
         room_id = persist.add_attempt_room(session, meeting_id, tag, name_prefix, end_date, now)
         look_up_first = False

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from worker.store.models import MeetingState, RoomState
+from worker.rules.states import MeetingState, RoomState
 
 S = MeetingState
 

@@ -14,11 +14,10 @@ from datetime import datetime
 from typing import Any
 
 from config.settings import Settings
-from worker.adapters import whereby
 from worker.rules import lifecycle, overrun
 from worker.rules.facts import EARLY_SLACK, NOTHING, RELEASE, Change, MeetingFacts, RoomFacts, S
 from worker.rules.overrun import occupancy_changed, probe_failed, session_probed
-from worker.store.models import TERMINAL_STATES, RoomState
+from worker.rules.states import TERMINAL_STATES, RoomState
 
 __all__ = [
     "EARLY_SLACK",
@@ -231,7 +230,7 @@ def room_made(
 
 def create_failed(
     meeting: MeetingFacts,
-    error: whereby.WherebyError,
+    error: lifecycle.FailedCall,
     now: datetime,
     settings: Settings,
     *,
@@ -336,7 +335,7 @@ def delete_failed(
     meeting: MeetingFacts,
     room: RoomFacts,
     attempts: int,
-    error: whereby.WherebyError,
+    error: lifecycle.FailedCall,
     now: datetime,
     settings: Settings,
     *,

@@ -13,7 +13,7 @@ from typing import Any
 
 from worker.rules import lifecycle
 from worker.rules.facts import RELEASE, Change, MeetingFacts, RoomFacts, S
-from worker.store.models import RoomState
+from worker.rules.states import RoomState
 
 
 def deleting(ending: bool, room: RoomFacts) -> Change:

@@ -1,4 +1,12 @@
-"""Validation of the task arguments callers send (CONTRACT §2): one clear message per broken rule."""
+"""Validation of the task arguments callers send (CONTRACT §2): one clear message per broken rule.
+
+Pure like every rule: what a check needs of the world comes in through the validation context
+(`parse(model, data, **context)`, `validate(...)`, `model_validate(data, context=...)`), which the
+faces fill: `settings` (the running Settings; needed by a notify URL and by an HTTP caller's notify
+task), `now` (the moment `end` must come after; without it that rule is not applied),
+`caller_prefix_max` and `over_http`. A notify URL is judged by worker.rules.outbound, from the URL
+and the settings: a host name is resolved (and refused if private) when an event is sent.
+"""
 
 from __future__ import annotations
 
@@ -23,8 +31,8 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from config.settings import Settings, get_settings
-from worker.adapters.outbound import OutboundRefused, check_url
+from config.settings import Settings
+from worker.rules.outbound import OutboundRefused, check_url
 
 MAX_METADATA_BYTES = 4096
 MAX_URL_LENGTH = 2000
@@ -178,7 +186,7 @@ class Notify(_Request):
     def _url_allowed(cls, value: str | None, info: ValidationInfo) -> str | None:
         if value is None:
             return None
-        settings: Settings = (info.context or {}).get("settings") or get_settings()
+        settings = _settings(info)
         if settings.notify_signing_secret is None:
             raise ValueError(
                 "events to a URL are signed, and this service has no ROOMKEEPER_NOTIFY_SIGNING_SECRET "
@@ -205,7 +213,7 @@ class Notify(_Request):
         if context.get("over_http"):
             # An HTTP caller must not make the service send Celery messages of its choosing to a
             # queue of its choosing (CONTRACT §6.2): only the tasks the operator lists.
-            settings: Settings = context.get("settings") or get_settings()
+            settings = _settings(info)
             assert self.task is not None and self.queue is not None
             if not settings.http_notify_allowed(self.task, self.queue):
                 raise _field_error(
@@ -268,10 +276,10 @@ class ScheduleRequest(_Request):
 
     @model_validator(mode="after")
     def _times(self, info: ValidationInfo) -> ScheduleRequest:
-        now: datetime = (info.context or {}).get("now") or datetime.now(UTC)
+        now: datetime | None = (info.context or {}).get("now")
         if self.end <= self.start:
             raise _field_error("end", "must be after start")
-        if self.end <= now:
+        if now is not None and self.end <= now:
             raise _field_error("end", "must be in the future")
         return self
 
@@ -280,6 +288,15 @@ class BookingRef(_Request):
     model_config = ConfigDict(extra="forbid")
 
     booking_id: Annotated[StrictStr, Field(min_length=1, max_length=200)]
+
+
+def _settings(info: ValidationInfo) -> Settings:
+    """The settings a rule needs, from the validation context (a face that forgets them is a bug,
+    raised as such, not a caller's broken rule)."""
+    settings = (info.context or {}).get("settings")
+    if not isinstance(settings, Settings):
+        raise LookupError("this check needs the running settings in the validation context (settings=...)")
+    return settings
 
 
 def _field_error(field: str, rule: str) -> PydanticCustomError:

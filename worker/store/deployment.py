@@ -48,6 +48,11 @@ def _make() -> str:
     return found
 
 
+def new_tag() -> str:
+    """A fresh tag for one attempt's room name: TAG_LENGTH lowercase letters and digits."""
+    return "".join(secrets.choice(_ALPHABET) for _ in range(TAG_LENGTH))
+
+
 def room_name_prefix(service_prefix: str, identity: str, tag: str, caller_prefix: str | None) -> str:
     """The service's tag first, so one startsWith filter finds all of its rooms, or one attempt's."""
     return f"{service_prefix}-{identity}-{tag}-{caller_prefix or ''}"

@@ -10,6 +10,11 @@ from sqlalchemy import JSON, Column, DateTime, Index, String, Text, TypeDecorato
 from sqlalchemy.engine import Dialect
 from sqlmodel import Field, SQLModel
 
+# The states live with the rules (which are pure); the store keeps them under these names too.
+from worker.rules.states import TERMINAL_STATES as TERMINAL_STATES
+from worker.rules.states import MeetingState as MeetingState
+from worker.rules.states import RoomState as RoomState
+
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
@@ -34,26 +39,6 @@ class UTCDateTime(TypeDecorator[datetime]):
 
 def _ts(nullable: bool = True, index: bool = False) -> Any:
     return Field(default=None, sa_column=Column(UTCDateTime(), nullable=nullable, index=index))
-
-
-class MeetingState(enum.StrEnum):
-    SCHEDULED = "scheduled"
-    CREATING = "creating"
-    READY = "ready"
-    DELETING = "deleting"
-    ENDED = "ended"
-    CANCELLED = "cancelled"
-    FAILED = "failed"
-
-
-TERMINAL_STATES = frozenset({MeetingState.ENDED, MeetingState.CANCELLED, MeetingState.FAILED})
-
-
-class RoomState(enum.StrEnum):
-    PENDING = "pending"  # a create was (or is about to be) sent; its outcome is not known yet
-    LIVE = "live"
-    DELETED = "deleted"
-    ABANDONED = "abandoned"  # known never to have been made on Whereby
 
 
 class Meeting(SQLModel, table=True):

@@ -29,7 +29,7 @@ from worker.faces.web.shapes import Instant
 from worker.jobs import batch, booking
 from worker.rules.lifecycle import fmt
 from worker.rules.validation import BookingRef, InvalidRequest, ScheduleRequest, parse
-from worker.store.models import MeetingState
+from worker.store.models import MeetingState, utcnow
 
 router = APIRouter(prefix="/v1/bookings", tags=["bookings"], dependencies=[Depends(require_token)])
 
@@ -297,8 +297,14 @@ async def put_booking(booking_id: BookingId, request: Request, response: Respons
     if "booking_id" in data and data["booking_id"] != booking_id:
         raise InvalidRequest([("booking_id", "must be the booking_id of the path (or left out)")])
     data["booking_id"] = booking_id
+    settings = get_settings()
     schedule = parse(
-        ScheduleRequest, data, caller_prefix_max=get_settings().caller_prefix_max, over_http=True
+        ScheduleRequest,
+        data,
+        caller_prefix_max=settings.caller_prefix_max,
+        over_http=True,
+        settings=settings,
+        now=utcnow(),
     )
     view, created = await run_in_threadpool(_schedule, schedule)
     if not created:

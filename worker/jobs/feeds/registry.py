@@ -100,7 +100,9 @@ def _validated(spec: FeedSpec, over_http: bool) -> dict[str, Any]:
     notify = None
     if spec.notify is not None:
         try:
-            notify = Notify.model_validate(spec.notify, context={"over_http": over_http}).model_dump()
+            notify = Notify.model_validate(
+                spec.notify, context={"over_http": over_http, "settings": settings}
+            ).model_dump()
         except ValidationError as exc:
             errors.extend(
                 f"notify.{field}: {rule}" if field else f"notify: {rule}" for field, rule in problems(exc)

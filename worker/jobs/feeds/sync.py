@@ -269,7 +269,9 @@ def _sync(feed_id: int, token: str, now: datetime, force: bool) -> dict[str, Any
             "metadata": {"feed": name, "uid": occurrence.uid[:500], "summary": occurrence.summary[:500]},
         }
         try:
-            booking.schedule_meeting(ScheduleRequest.model_validate(request))
+            booking.schedule_meeting(
+                ScheduleRequest.model_validate(request, context={"settings": settings, "now": utcnow()})
+            )
         except (ValidationError, InvalidRequest) as exc:
             changes["refused"] += 1
             refused.append(f"{bid}: {str(exc).splitlines()[0][:200]}")
