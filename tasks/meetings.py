@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from config.settings import get_settings
+from worker.adapters import outbound
 from worker.jobs import batch, booking
 from worker.rules.validation import BookingRef, InvalidRequest, ScheduleRequest, validate
 from worker.runtime.app import app
@@ -26,6 +27,7 @@ def schedule_meeting(*args: Any, **kwargs: Any) -> dict[str, Any]:
         caller_prefix_max=settings.caller_prefix_max,
         settings=settings,
         now=utcnow(),
+        check_url=outbound.check_url,
     )
     return booking.schedule_meeting(request)
 

@@ -434,3 +434,38 @@ def test_the_rules_judge_a_url_without_resolving_its_name() -> None:
         with pytest.raises(rules.OutboundRefused) as caught:
             rules.check_url(url, SIGNED)
         assert str(caught.value) == refused(url, SIGNED)
+
+
+def test_a_notify_url_whose_name_resolves_inside_is_refused_when_booked(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The rules judge the text; every face passes the adapter's check, which resolves the name, so
+    # a caller learns at booking (not at its first event) that its URL points inside.
+    from tasks.meetings import schedule_meeting
+    from tests.conftest import apply_settings
+    from worker.jobs import batch
+
+    real = socket.getaddrinfo
+
+    def resolve(host: Any, *args: Any, **kwargs: Any) -> Any:
+        if host == "hooks.example.com":
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("10.1.2.3", 0))]
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolve)
+    start = datetime.now(UTC) + timedelta(hours=1)
+    booking = {
+        "booking_id": "inside-1",
+        "start": start.isoformat(),
+        "end": (start + timedelta(minutes=30)).isoformat(),
+        "notify": {"url": "https://hooks.example.com/rooms"},
+    }
+    apply_settings(ROOMKEEPER_NOTIFY_SIGNING_SECRET="x" * 32)
+    try:
+        with pytest.raises(InvalidRequest, match=r"^notify\.url: .*10\.1\.2\.3"):
+            schedule_meeting(**booking)
+        (result,) = batch.schedule_many([booking])
+        assert result["ok"] is False
+        assert result["errors"][0]["field"] == "notify.url" and "10.1.2.3" in result["errors"][0]["rule"]
+    finally:
+        apply_settings(ROOMKEEPER_NOTIFY_SIGNING_SECRET=None)

@@ -23,6 +23,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from config.settings import get_settings
+from worker.adapters import outbound
 from worker.jobs import booking
 from worker.rules.validation import ScheduleRequest, problems
 from worker.store.models import utcnow
@@ -85,6 +86,7 @@ def schedule_many(items: Sequence[Any], *, over_http: bool = False) -> list[dict
         "over_http": over_http,
         "settings": settings,
         "now": utcnow(),
+        "check_url": outbound.check_url,
     }
     results: list[dict[str, Any] | None] = [None] * len(items)
     valid: list[tuple[int, ScheduleRequest]] = []

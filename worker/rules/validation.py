@@ -4,8 +4,9 @@ Pure like every rule: what a check needs of the world comes in through the valid
 (`parse(model, data, **context)`, `validate(...)`, `model_validate(data, context=...)`), which the
 faces fill: `settings` (the running Settings; needed by a notify URL and by an HTTP caller's notify
 task), `now` (the moment `end` must come after; without it that rule is not applied),
-`caller_prefix_max` and `over_http`. A notify URL is judged by worker.rules.outbound, from the URL
-and the settings: a host name is resolved (and refused if private) when an event is sent.
+`caller_prefix_max`, `over_http`, and `check_url` (the faces pass `worker.adapters.outbound.check_url`,
+which also resolves the URL's host and refuses a private address; without it, worker.rules.outbound
+judges the URL from its text and the settings, and the host is checked again when an event is sent).
 """
 
 from __future__ import annotations
@@ -193,7 +194,7 @@ class Notify(_Request):
                 "set; use a notify task or ask its operator to set one"
             )
         try:
-            check_url(value, settings)
+            ((info.context or {}).get("check_url") or check_url)(value, settings)
         except OutboundRefused as exc:
             raise ValueError(str(exc)) from None
         return value

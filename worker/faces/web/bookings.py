@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from config.settings import get_settings
+from worker.adapters import outbound
 from worker.faces.web import bodies
 from worker.faces.web.auth import UNAUTHORIZED, require_token
 from worker.faces.web.problems import MEDIA_TYPE, RESPONSES, FieldProblem, Problem
@@ -305,6 +306,7 @@ async def put_booking(booking_id: BookingId, request: Request, response: Respons
         over_http=True,
         settings=settings,
         now=utcnow(),
+        check_url=outbound.check_url,
     )
     view, created = await run_in_threadpool(_schedule, schedule)
     if not created:

@@ -16,6 +16,7 @@ from sqlalchemy import func
 from sqlmodel import col, delete, select
 
 from config.settings import get_settings
+from worker.adapters import outbound
 from worker.adapters.calendars import limits, source
 from worker.adapters.outbound import OutboundRefused, check_url
 from worker.jobs import booking
@@ -101,7 +102,8 @@ def _validated(spec: FeedSpec, over_http: bool) -> dict[str, Any]:
     if spec.notify is not None:
         try:
             notify = Notify.model_validate(
-                spec.notify, context={"over_http": over_http, "settings": settings}
+                spec.notify,
+                context={"over_http": over_http, "settings": settings, "check_url": outbound.check_url},
             ).model_dump()
         except ValidationError as exc:
             errors.extend(

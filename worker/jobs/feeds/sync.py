@@ -29,6 +29,7 @@ from sqlalchemy import or_, update
 from sqlmodel import col, delete, select
 
 from config.settings import get_settings
+from worker.adapters import outbound
 from worker.adapters.calendars import expand, limits, source
 from worker.jobs import booking
 from worker.jobs.feeds import registry
@@ -270,7 +271,9 @@ def _sync(feed_id: int, token: str, now: datetime, force: bool) -> dict[str, Any
         }
         try:
             booking.schedule_meeting(
-                ScheduleRequest.model_validate(request, context={"settings": settings, "now": utcnow()})
+                ScheduleRequest.model_validate(
+                    request, context={"settings": settings, "now": utcnow(), "check_url": outbound.check_url}
+                )
             )
         except (ValidationError, InvalidRequest) as exc:
             changes["refused"] += 1
