@@ -31,7 +31,7 @@ from worker.jobs.feeds import registry, sync
 from worker.store import tokens
 from worker.store.models import Feed, FeedOccurrence, Outbox
 
-FIXTURES = Path(__file__).parent / "fixtures" / "ics"
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "ics"
 
 
 # --------------------------------------------------------------------------------------------
