@@ -87,9 +87,16 @@ def sandbox_server() -> Iterator[SandboxServer]:
         yield server
 
 
+@pytest.fixture(scope="session")
+def sandbox_admin(sandbox_server: SandboxServer) -> Iterator[SandboxAdmin]:
+    # One client for the run: each new one loads the CA bundle again (tens of milliseconds a test).
+    with SandboxAdmin(sandbox_server.admin_url) as admin:
+        yield admin
+
+
 @pytest.fixture
-def sandbox(sandbox_server: SandboxServer) -> Iterator[SandboxAdmin]:
-    admin = SandboxAdmin(sandbox_server.admin_url)
+def sandbox(sandbox_admin: SandboxAdmin) -> Iterator[SandboxAdmin]:
+    admin = sandbox_admin
     admin.reset()
     admin.set_faults(latency_ms=0, error_rate=0, lost_reply_rate=0, points_per_minute=0, expiry_seconds=86400)
     yield admin
@@ -135,6 +142,7 @@ NOT_PURE = {
     "configured",
     "sandbox",
     "sandbox_server",
+    "sandbox_admin",
     "events",
     "system",
     "celery_worker_session",
