@@ -151,7 +151,8 @@ NOT_PURE = {
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Each test is marked with its tier, its folder's name (`pytest -m pure` runs the pure tier)."""
+    """Each test is marked with its tier, its folder's name (`pytest -m pure` runs the pure tier), and
+    the tiers run lightest first."""
     for item in items:
         tier = item.path.parent.name
         if tier not in TIERS:
@@ -160,6 +161,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         needs = NOT_PURE.intersection(getattr(item, "fixturenames", ()))
         if tier == "pure" and needs:
             raise pytest.UsageError(f"{item.nodeid} is in the pure tier but uses {', '.join(sorted(needs))}")
+    items.sort(key=lambda item: TIERS.index(item.path.parent.name))
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
