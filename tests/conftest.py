@@ -8,6 +8,7 @@ Nothing here starts a server unless a collected test needs one: the pure tier st
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import threading
@@ -175,6 +176,9 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 @pytest.hookimpl(trylast=True)
 def pytest_sessionfinish(session: pytest.Session) -> None:
     if _embedded_redis is not None:
+        # Results nobody holds any more unsubscribe from Redis when collected: collected after the
+        # server is gone, each retried its reconnection for minutes at exit. Collect them first.
+        gc.collect()
         _embedded_redis.stop()  # its folder goes with it
     RUN_FOLDER.finish(session)
 
