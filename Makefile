@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install demo run test check format migrate sandbox chaos bench clean
+.PHONY: install demo run test test-fast check format migrate sandbox chaos bench clean
 
 install: $(STAMP)
 $(STAMP): pyproject.toml
@@ -20,8 +20,11 @@ demo: install     ## the whole system on embedded defaults, with sample meetings
 run: install      ## worker + beat + Flower + web on the configured settings
 	$(BIN)/roomkeeper run
 
-test: install     ## the test suite, on real Redis, SQLite and PostgreSQL
+test: install     ## the whole suite, tier by tier: pure, store (SQLite, PostgreSQL, Redis), processes
 	$(BIN)/pytest
+
+test-fast: install  ## the pure tier: no I/O, in seconds
+	$(BIN)/pytest tests/pure
 
 check: install    ## lint and types
 	$(BIN)/ruff check .

@@ -1,7 +1,14 @@
-"""Fixtures: a real Redis (or an embedded one), the sandbox server, SQLite and PostgreSQL, a real worker."""
+"""Fixtures: a real Redis (or an embedded one), the sandbox server, SQLite and PostgreSQL.
+
+The suite is in three tiers, one folder each, marked by their folder: `pure` (no I/O: no database,
+Redis, socket or subprocess), `store` (SQLite, PostgreSQL and Redis, in the test process) and
+`processes` (a real worker, beat, web or other program; its fixtures are in tests/processes/conftest.py).
+Nothing here starts a server unless a collected test needs one: the pure tier starts nothing.
+"""
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import threading
@@ -18,12 +25,16 @@ from tests.hygiene import RunFolder, sqlite_ids_never_reused
 # Before anything makes a temporary file: the run's own temporary folder (tests/hygiene.py).
 RUN_FOLDER = RunFolder.start()
 
-from worker.devtools.localredis import ensure_redis  # noqa: E402
+from worker.devtools.localredis import EmbeddedRedis, answers  # noqa: E402
 
-# The broker must be known before the Celery app is imported: settle it first.
-_redis_url, _embedded_redis = ensure_redis(
-    os.environ.get("ROOMKEEPER_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-)
+# The broker must be known before the Celery app is imported: settle it first. When the configured
+# Redis does not answer, an embedded one takes its place: its port is picked now, and it starts only
+# once a test that is not pure has been collected (`pytest_collection_finish`).
+_redis_url = os.environ.get("ROOMKEEPER_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+_embedded_redis: EmbeddedRedis | None = None
+if not answers(_redis_url):
+    _embedded_redis = EmbeddedRedis()
+    _redis_url = _embedded_redis.url
 # A database of its own, flushed by the tests (pick another to run two suites side by side).
 BROKER = _redis_url.rsplit("/", 1)[0] + "/" + os.environ.get("ROOMKEEPER_TEST_REDIS_DB", "15")
 os.environ["ROOMKEEPER_BROKER_URL"] = BROKER
@@ -79,9 +90,16 @@ def sandbox_server() -> Iterator[SandboxServer]:
         yield server
 
 
+@pytest.fixture(scope="session")
+def sandbox_admin(sandbox_server: SandboxServer) -> Iterator[SandboxAdmin]:
+    # One client for the run: each new one loads the CA bundle again (tens of milliseconds a test).
+    with SandboxAdmin(sandbox_server.admin_url) as admin:
+        yield admin
+
+
 @pytest.fixture
-def sandbox(sandbox_server: SandboxServer) -> Iterator[SandboxAdmin]:
-    admin = SandboxAdmin(sandbox_server.admin_url)
+def sandbox(sandbox_admin: SandboxAdmin) -> Iterator[SandboxAdmin]:
+    admin = sandbox_admin
     admin.reset()
     admin.set_faults(latency_ms=0, error_rate=0, lost_reply_rate=0, points_per_minute=0, expiry_seconds=86400)
     yield admin
@@ -120,9 +138,49 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     return report
 
 
+TIERS = ("pure", "store", "processes")
+# What the pure tier may not ask for: each of these reaches a database, Redis or a server.
+NOT_PURE = {
+    "database",
+    "configured",
+    "sandbox",
+    "sandbox_server",
+    "sandbox_admin",
+    "events",
+    "system",
+    "celery_worker_session",
+}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Each test is marked with its tier, its folder's name (`pytest -m pure` runs the pure tier), and
+    the tiers run lightest first."""
+    for item in items:
+        tier = item.path.parent.name
+        if tier not in TIERS:
+            raise pytest.UsageError(f"{item.nodeid}: a test lives in one of tests/{{{','.join(TIERS)}}}/")
+        item.add_marker(tier)
+        needs = NOT_PURE.intersection(getattr(item, "fixturenames", ()))
+        if tier == "pure" and needs:
+            raise pytest.UsageError(f"{item.nodeid} is in the pure tier but uses {', '.join(sorted(needs))}")
+    items.sort(key=lambda item: TIERS.index(item.path.parent.name))
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    # The embedded Redis (when the configured one does not answer) starts only for a test that may use it.
+    if _embedded_redis is None or all(item.path.parent.name == "pure" for item in session.items):
+        return
+    if _embedded_redis.start().url != _redis_url:
+        pytest.exit(f"the embedded Redis could not start on {_redis_url}: run again", returncode=3)
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_sessionfinish(session: pytest.Session) -> None:
     if _embedded_redis is not None:
+        # Results nobody holds any more unsubscribe from Redis when collected: collected after the
+        # server is gone, each retried its reconnection for minutes at exit. Collect them first.
+        gc.collect()
         _embedded_redis.stop()  # its folder goes with it
     RUN_FOLDER.finish(session)
 
@@ -170,19 +228,6 @@ def configured(database: str, sandbox: SandboxAdmin, sandbox_server: SandboxServ
     apply_settings(**{name: None for name in TEST_SETTINGS})
 
 
-@pytest.fixture(scope="session")
-def celery_worker_session() -> Iterator[Any]:
-    from celery.contrib.testing.worker import start_worker
-
-    app.loader.import_default_modules()
-    with app.connection_for_write() as connection:
-        connection.default_channel.client.flushdb()
-    with start_worker(
-        app, pool="threads", concurrency=8, perform_ping_check=False, loglevel="WARNING"
-    ) as worker:
-        yield worker
-
-
 class Ticker:
     """Stands in for beat: sends `rooms.dispatch_due` through the broker every interval."""
 
@@ -202,13 +247,6 @@ class Ticker:
     def __exit__(self, *_: Any) -> None:
         self.stopped.set()
         self.thread.join()
-
-
-@pytest.fixture
-def system(configured: str, celery_worker_session: Any) -> Iterator[str]:
-    """The running service: a real worker on the real Redis, with the dispatcher ticking."""
-    with Ticker(1.0):
-        yield configured
 
 
 # --------------------------------------------------------------------------------------------

@@ -14,9 +14,11 @@ failures described without detail that maps the network behind the host.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 import socket
+import ssl
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -182,13 +184,19 @@ class _GuardedBackend(httpcore.NetworkBackend):
         time.sleep(seconds)
 
 
+@functools.cache
+def _tls() -> ssl.SSLContext:
+    # Loading the CA bundle takes about 60 ms of CPU: one context serves every request (it is shared safely).
+    return httpx.create_ssl_context(trust_env=False)
+
+
 class _GuardedTransport(httpx.HTTPTransport):
     def __init__(self, backend: _GuardedBackend) -> None:
-        super().__init__(trust_env=False, retries=0)
+        super().__init__(verify=_tls(), trust_env=False, retries=0)
         # httpx has no argument for the network backend: its pool is rebuilt with ours. No proxy,
         # whatever the environment says (trust_env=False above and here).
         self._pool = httpcore.ConnectionPool(
-            ssl_context=httpx.create_ssl_context(trust_env=False),
+            ssl_context=_tls(),
             max_connections=2,
             network_backend=backend,
         )

@@ -10,7 +10,7 @@ import yaml
 
 from worker.devtools.processes import procfile_commands
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _words(command: str | list[str]) -> list[str]:

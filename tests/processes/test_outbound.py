@@ -30,7 +30,7 @@ from worker.rules.validation import InvalidRequest, ScheduleRequest, validate
 SIGNED = Settings(notify_signing_secret="s" * 32)
 SIGNED_LOCAL = Settings(notify_signing_secret="s" * 32, outbound_allowed_hosts="127.0.0.1, hooks.internal")
 # The verifiers a receiver copies are the README's own ("Events over HTTP").
-NOTES = Path(__file__).resolve().parent.parent / "README.md"
+NOTES = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def refused(url: str, settings: Settings = SIGNED) -> str:

@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.conftest import BROKER, wait_for
 from worker.devtools.localredis import free_port
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 ROOMKEEPER = str(Path(sys.executable).with_name("roomkeeper"))
 PASSWORD = "pw-9f1c-never-shown"
 

@@ -18,7 +18,7 @@ from sqlmodel import col
 
 NOW = datetime(2026, 12, 2, 10, 0, tzinfo=UTC)
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 WRITER = Path("worker/store/persist.py")
 # Dev tools are never imported by the product (the demo keeps its own `sample.state`).
 NOT_PRODUCT = (Path("worker/devtools"),)

@@ -32,7 +32,7 @@ from worker.rules import feeds as feed_rules
 from worker.store import tokens
 from worker.store.models import Feed, FeedOccurrence, Outbox
 
-FIXTURES = Path(__file__).parent / "fixtures" / "ics"
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "ics"
 
 
 # --------------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ from sqlmodel import delete, select
 from typer.testing import CliRunner
 
 from tests.conftest import apply_settings, call, iso, wait_for
-from tests.test_feeds import CalendarServer, base, serving_calendars, stamp, vcalendar, vevent
+from tests.store.test_feeds import CalendarServer, base, serving_calendars, stamp, vcalendar, vevent
 from worker import store
 from worker.adapters.calendars import expand, limits
 from worker.faces.cli.main import cli

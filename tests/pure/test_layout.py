@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PRODUCT = ("worker", "tasks", "config")
 NOT_PRODUCT = ("worker/devtools", "worker/store/migrations")
 MAX_LINES = 400

@@ -53,9 +53,7 @@ def test_the_extra_is_declared_and_the_product_does_not_need_it() -> None:
     import tomllib
     from pathlib import Path
 
-    project = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())[
-        "project"
-    ]
+    project = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())["project"]
     names = {dep.split(">")[0].split("<")[0].split("[")[0] for dep in project["dependencies"]}
     assert not names & main.DEVTOOLS_PACKAGES
     devtools = {dep.split(">")[0] for dep in project["optional-dependencies"]["devtools"]}

@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 
 from config.settings import get_settings
 from tests.conftest import BROKER, apply_settings
-from tests.test_metrics import scrape, value
+from tests.processes.test_metrics import scrape, value
 from worker import store
 from worker.adapters import metrics
 from worker.devtools.harness import ProcessSystem, later, parse

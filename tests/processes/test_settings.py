@@ -14,7 +14,7 @@ import pytest
 from config.celery import beat_schedule, celery_config
 from config.settings import Settings, SettingsError, load_settings
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SANDBOX_URL = "http://127.0.0.1:8088/v1"
 SECRET_KEY = "wb-live-9f2c7e1a4b6d8035"
 

@@ -21,7 +21,7 @@ import pytest
 from sqlmodel import delete
 
 from tests.conftest import apply_settings
-from tests.test_feeds import base, feed_row, stamp, vcalendar, vevent
+from tests.store.test_feeds import base, feed_row, stamp, vcalendar, vevent
 from worker import store
 from worker.adapters import outbound
 from worker.adapters.calendars import caldav as caldav_read

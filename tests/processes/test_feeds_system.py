@@ -11,7 +11,7 @@ import pytest
 from config.celery import beat_schedule
 from config.settings import get_settings
 from tests.conftest import Events, wait_for
-from tests.test_feeds import CalendarServer, serving_calendars, stamp, vcalendar, vevent
+from tests.store.test_feeds import CalendarServer, serving_calendars, stamp, vcalendar, vevent
 from worker.devtools.sandbox import SandboxAdmin
 from worker.jobs import booking
 from worker.jobs.feeds import registry, sync

@@ -20,8 +20,8 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import BROKER, apply_settings
-from tests.test_metrics import Samples, scrape, value
-from tests.test_notify_url import SECRET, Receiver
+from tests.processes.test_metrics import Samples, scrape, value
+from tests.processes.test_notify_url import SECRET, Receiver
 from worker.adapters import metrics, metrics_export
 from worker.devtools.localredis import free_port
 from worker.faces.web.app import create_app
@@ -154,7 +154,7 @@ def test_counting_never_raises_when_redis_is_gone(notify_store: Any) -> None:
 def test_the_readme_s_alert_examples_name_metrics_a_scrape_has(notify_store: Any, client: TestClient) -> None:
     """Every metric the README's Prometheus alerts use is one /metrics exports (a renamed metric
     would leave an alert that never fires)."""
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
     block = re.search(r"```yaml\n(groups:\n.*?)```", readme, re.S)
     assert block is not None
     rules = yaml.safe_load(block.group(1))["groups"][0]["rules"]

@@ -12,7 +12,7 @@ import pytest
 from sqlmodel import delete
 
 from tests.conftest import apply_settings, wait_for
-from tests.test_feeds import CalendarServer, stamp, vcalendar, vevent
+from tests.store.test_feeds import CalendarServer, stamp, vcalendar, vevent
 from worker import store
 from worker.devtools.harness import ProcessSystem
 from worker.devtools.sandbox import SandboxServer
