@@ -15,7 +15,7 @@ the last end, and reports:
   received`), and how many of them were skipped as duplicate deliveries;
 - the worker's CPU seconds per room (from /proc), and what beat dispatched.
 
-`tests/test_burst.py` runs the same load through `run` on its own processes and asserts outcomes.
+`tests/processes/test_burst.py` runs the same load through `run` on its own processes and asserts outcomes.
 
     python -m bench.burst [--sizes 1000,3000,10000] [--window 3] [--concurrency 16]
                           [--meeting-seconds S] [--database postgresql://…] [--give-up S] [--keep]

@@ -9,7 +9,7 @@ The message's arguments are its wire format (`worker/jobs/dispatch.py` sends the
 already queued during an upgrade carry them): `meeting_pk` is the meeting row's id (`meeting_id`
 everywhere past this face), `room_pk` a room row's (`room_id`), `claim` the dispatcher's claim.
 `booking_id` is not read by the work: the row holds it. It rides along so that Flower, which shows
-a task's arguments, names the booking each room task is about (`tests/test_flower_quiet.py`).
+a task's arguments, names the booking each room task is about (`tests/processes/test_flower_quiet.py`).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 and the overrun they drive, with the real worker on Redis, SQLite and PostgreSQL.
 
 The webhooks here are signed by the test itself, from WHEREBY.md's words, so every delivery fault
-(forged, replayed, repeated, late) is exact. tests/test_overrun.py has the sandbox send them.
+(forged, replayed, repeated, late) is exact. tests/processes/test_overrun.py has the sandbox send them.
 """
 
 from __future__ import annotations

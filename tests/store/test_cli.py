@@ -323,7 +323,7 @@ def test_show_list_and_failed_run_without_a_whereby_key() -> None:
     assert failed.exit_code == 0, failed.output
     assert [(row[0], row[3]) for row in table_rows(failed.output)] == [("no-key-dead", GAVE_UP)]
     # Whatever would call Whereby still stops, naming the key (the worker and beat check it at
-    # start: tests/test_settings.py starts them).
+    # start: tests/processes/test_settings.py starts them).
     with pytest.raises(SettingsError, match="WHEREBY_API_KEY is required"):
         whereby_calls.client()
 

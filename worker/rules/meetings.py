@@ -3,7 +3,7 @@
 Each rule returns a `Change`: the meeting's new state, the columns to set on the meeting and on the
 room the input is about, the replaced rooms whose deletion comes forward, the event to send and a
 history line. `worker/store/persist.py` applies a Change to the store and decides nothing; the modules
-that call Whereby only gather the input. No database, Celery or HTTP here: `tests/test_transitions.py`
+that call Whereby only gather the input. No database, Celery or HTTP here: `tests/pure/test_transitions.py`
 runs every state against every input as a table.
 """
 

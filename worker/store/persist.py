@@ -5,7 +5,7 @@ event, and notes which rows must be dispatched once the transaction has committe
 write the same Change another way: `add_meetings` for many new bookings in one INSERT (the batch
 path), `apply_claimed` in one Core UPDATE for the row a run has just claimed (the creation's hot
 path), `add_attempt_room` for an attempt's pending room. No other module assigns a meeting's or a
-room's state, due instant, attempts or the like (`tests/test_one_writer.py` checks the source).
+room's state, due instant, attempts or the like (`tests/pure/test_one_writer.py` checks the source).
 """
 
 from __future__ import annotations
