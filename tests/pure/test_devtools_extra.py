@@ -20,6 +20,9 @@ def _without(monkeypatch: pytest.MonkeyPatch, missing: str) -> None:
         for name in ("worker.devtools.processes", "worker.devtools.demo"):
             if name in sys.modules:
                 monkeypatch.delitem(sys.modules, name)
+    # Its submodules too: an earlier test's `honcho.manager` would otherwise still be found.
+    for name in [n for n in sys.modules if n.startswith(missing + ".")]:
+        monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, missing, None)
 
 
