@@ -121,5 +121,9 @@ def test_a_failed_whereby_call_shows_as_failure_with_its_booking_and_reason(
     assert "booking fails-once" in row["exception"] and "ServerError" in row["exception"]
     assert "503" in row["exception"]
     # The retry, planned in the store, made the room: that row is a SUCCESS of its own.
-    made = [t for t in tasks(flower) if t["name"] == "rooms.create_room" and t["state"] == "SUCCESS"]
+    # The store shows the room before the task has returned and its event reached Flower: wait for it.
+    made = procs.wait_for(
+        lambda: [t for t in tasks(flower) if t["name"] == "rooms.create_room" and t["state"] == "SUCCESS"],
+        timeout=15,
+    )
     assert len(made) == 1 and "fails-once" in str(made[0]["kwargs"])
